@@ -112,10 +112,23 @@ def _trained_names(unet: nn.Module, trains: str):
     raise ValueError(f"unknown 'trains' {trains!r}: use 'all' or 'attention'")
 
 
-def tune(*args, **kwargs) -> "TuneResult":
-    """Tune on one image; see `_tune`. Runs with autograd on even when the host is in inference mode."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return _tune(*args, **kwargs)
+def tune(unet: nn.Module, *args, clone_norm_inputs: bool = False, **kwargs) -> "TuneResult":
+    """Tune on one image; see `_tune`. Runs with autograd on even when the host is in inference mode.
+
+    clone_norm_inputs: for U-Nets whose transformer blocks add residuals in place after a LayerNorm
+    read its input (ComfyUI before 2025), which autograd refuses; each LayerNorm then reads a copy.
+    The hooks are removed afterwards.
+    """
+    hooks = []
+    if clone_norm_inputs:
+        hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0].clone(), *args[1:]))
+                 for m in unet.modules() if isinstance(m, nn.LayerNorm)]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return _tune(unet, *args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tensor, *, text_encode, vae_encode,
@@ -150,9 +163,11 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     features = ImageFeatures(tokens=features.tokens.detach().clone())
 
     # Trainable copies: heads, offsets, chosen U-Net weights (fp32 masters); the host's stay untouched.
-    enc = copy.deepcopy(encoder, memo={id(encoder.clip_vision): encoder.clip_vision}).float().train()
-    enc.clip_vision.requires_grad_(False)
-    offs = copy.deepcopy(offsets).float().train()
+    enc = copy.deepcopy(encoder, memo={id(encoder.clip_vision): encoder.clip_vision})
+    for p in enc.heads():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    offs = copy.deepcopy(offsets).float().requires_grad_(True).train()
     base = {n: p.detach() for n, p in unet.named_parameters()}
     trained = set(_trained_names(unet, cfg.trains))
     weights = {n: (p.clone().float().requires_grad_() if n in trained else (p.clone() if p.is_inference() else p))
@@ -175,28 +190,29 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
         merged = {f"unet.{k}": merge(weights[k], d) for k, d in offs.deltas().items()}
         leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
         swap = {f"unet.{n}": w for n, w in weights.items()} | leaves
+        # The step's randomness is drawn for the whole batch, so accumulation sees the same batch.
+        pick = torch.randint(0, n_crops, (cfg.batch_size,), generator=generator)
+        noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=generator).to(device)
+        t = torch.randint(0, len(acp), (cfg.batch_size,), generator=generator).to(device)
+        prompts = [rng.choice(cfg.templates).format(placeholder) for _ in range(cfg.batch_size)]
         total = 0.0
-        for _ in range(cfg.accumulation):
-            pick = torch.randint(0, n_crops, (micro,), generator=generator)
-            x0 = latents[pick]
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            t = torch.randint(0, len(acp), (micro,), generator=generator).to(device)
-            xt = noisy(x0, noise, acp[t])
-            prompts = [rng.choice(cfg.templates).format(placeholder) for _ in range(micro)]
+        for mb in torch.arange(cfg.batch_size).split(micro):
+            x0, eps, tt = latents[pick[mb]], noise[mb], t[mb]
+            xt = noisy(x0, eps, acp[tt])
             with autocast:
-                maps = torch.func.functional_call(call, swap, (True, xt, t, empty))
+                maps = torch.func.functional_call(call, swap, (True, xt, tt, empty))
                 e = enc(features, maps)
                 w = placeholder_word(e_dom, e.float(), scale)
-                context = text_encode(prompts, w)
-                pred = torch.func.functional_call(call, swap, (False, xt, t, context))
-            loss = diffusion_loss(pred, target(cfg.prediction, x0, noise, acp[t]),
-                                  None if masks is None else masks[pick])
+                context = text_encode([prompts[i] for i in mb], w)
+                pred = torch.func.functional_call(call, swap, (False, xt, tt, context))
+            loss = diffusion_loss(pred, target(cfg.prediction, x0, eps, acp[tt]),
+                                  None if masks is None else masks[pick[mb]])
             # Accumulation keeps the full-batch loss: the diffusion term is a mean, the published
             # regulariser a sum over the batch, the paper's a mean.
             reg_share = 1.0 if cfg.regularizer == "published" else 1 / cfg.accumulation
             loss = loss / cfg.accumulation + reg_share * cfg.reg_lambda * regularizer(cfg.regularizer, w, e)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in merged]
         torch.autograd.backward(list(merged.values()), grads)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -1,0 +1,173 @@
+import pytest
+import torch
+
+import e4t
+from e4t import Offsets, TuneConfig, encode_with_word, targets
+from e4t.losses import diffusion_loss, noisy
+from tiny_models import text_model
+
+PLACEHOLDER = "*"   # one CLIP token (id 265)
+
+
+def text_encoder_fn(clip):
+    tm = text_model(clip)
+
+    def encode(prompts, words):
+        ids = [[t for t, _ in clip.tokenize(p)["l"][0]] for p in prompts]
+        pos = [row.index(265) for row in ids]
+        return encode_with_word(tm, torch.tensor(ids), words, torch.tensor(pos))
+    return encode
+
+
+class VaeCounter:
+    def __init__(self, model, vae):
+        self.model, self.vae, self.calls = model, vae, 0
+
+    def __call__(self, images):
+        self.calls += 1
+        with torch.inference_mode():
+            z = self.vae.encode(images.movedim(1, -1) * 0.5 + 0.5)
+            return self.model.model.process_latent_in(z).clone()
+
+
+def setup(model, clip, vae, encoder):
+    torch.manual_seed(0)
+    unet = model.model.diffusion_model
+    offsets = Offsets(targets(unet.state_dict()), identity=False).requires_grad_(False)
+    with torch.no_grad():
+        for p in offsets.parameters():
+            p.mul_(0.1)
+    tm = text_model(clip)
+    with torch.no_grad():
+        empty = encode_with_word(tm, torch.tensor([[t for t, _ in clip.tokenize("")["l"][0]]]), None, torch.tensor([0]))
+    kwargs = dict(text_encode=text_encoder_fn(clip), vae_encode=VaeCounter(model, vae),
+                  e_domain=e4t.domain_embedding(tm, 1710), empty_context=empty,
+                  alphas_cumprod=e4t.sd1_alphas_cumprod(), placeholder=PLACEHOLDER, clone_norm_inputs=True)
+    image = torch.rand(3, 80, 64) * 2 - 1
+    return unet, offsets, image, kwargs
+
+
+def snapshot(*modules):
+    return [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def same(a, b):
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_gradients_reach_heads_offsets_and_unet_and_vae_runs_once(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    cfg = TuneConfig(steps=2, batch_size=4, lr=1e-3, weight_decay=0.0, resolution=64)
+    before = snapshot(unet, encoder, offsets)
+    result = e4t.tune(unet, encoder, offsets, image, cfg=cfg, **kw)
+    assert kw["vae_encode"].calls == 1
+    assert same(before, snapshot(unet, encoder, offsets))                   # inputs untouched
+    heads = dict(result.encoder.named_parameters())
+    for name in ("unet_feature_embedder.0.weight", "feature_linear.weight", "first_linears.3.weight", "final_linear.bias"):
+        assert not torch.equal(heads[name], dict(encoder.named_parameters())[name]), name
+    assert torch.equal(result.encoder.clip_vision.conv1.weight, encoder.clip_vision.conv1.weight)
+    moved = [t for t in offsets.targets if not torch.equal(result.offsets[t].linear_row.weight, offsets[t].linear_row.weight)]
+    assert len(moved) == len(offsets.targets)
+    assert len(result.unet_delta) == len(list(unet.parameters()))
+    assert result.unet_delta["input_blocks.0.0.weight"].abs().max() > 0
+    assert result.unet_delta["out.2.weight"].abs().max() > 0
+    assert len(result.losses) == 2
+
+
+def _fixed_loss(unet, result_or_none, offsets, encoder, image, kw, seed=123):  # noqa: C901
+    """Loss on one fixed batch with the (tuned) weights W = (W0 + D)(1 + ΔW), computed independently."""
+    from e4t.tune import _Call
+    g = torch.Generator().manual_seed(seed)
+    enc, offs = (encoder, offsets) if result_or_none is None else (result_or_none.encoder, result_or_none.offsets)
+    delta = {} if result_or_none is None else result_or_none.unet_delta
+    with torch.no_grad():
+        x0 = kw["vae_encode"](torch.nn.functional.interpolate(image[None], size=(64, 64)))
+        x0 = x0.expand(4, -1, -1, -1)
+        eps, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (4,), generator=g)
+        xt = noisy(x0, eps, kw["alphas_cumprod"][t])
+        weights = {f"unet.{k}": v + delta.get(k, 0) for k, v in unet.state_dict().items()}
+        for k, d in offs.deltas().items():
+            weights[f"unet.{k}"] = weights[f"unet.{k}"] * (1 + d)
+        call = _Call(unet)
+        feats = enc.image_features(image[None])
+        maps = torch.func.functional_call(call, weights, (True, xt, t, kw["empty_context"]))
+        w = kw["e_domain"] + 0.1 * enc(feats, maps)
+        ctx = kw["text_encode"]([f"a photo of {PLACEHOLDER}"] * 4, w)
+        pred = torch.func.functional_call(call, weights, (False, xt, t, ctx))
+        return float(diffusion_loss(pred, eps))
+
+
+def test_five_steps_lower_the_loss_on_a_fixed_batch(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    before = _fixed_loss(unet, None, offsets, encoder, image, kw)
+    result = e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(steps=5, batch_size=8, lr=3e-3, resolution=64), **kw)
+    after = _fixed_loss(unet, result, offsets, encoder, image, kw)
+    assert after < 0.95 * before, (before, after)
+
+
+def test_interrupted_tune_changes_nothing(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    before = snapshot(unet, encoder, offsets)
+    seen = []
+    with pytest.raises(e4t.Interrupted):
+        e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(steps=5, batch_size=2, resolution=64, lr=1e-2),
+                 progress=lambda s, n, loss: seen.append(s), should_stop=lambda: len(seen) >= 2, **kw)
+    assert seen == [1, 2]
+    assert same(before, snapshot(unet, encoder, offsets))
+
+
+def test_accumulation_keeps_the_loss_and_the_update(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    cfg = TuneConfig(steps=2, batch_size=8, lr=1e-3, resolution=64, reg_lambda=1e-3)
+    torch.manual_seed(5)     # the VAE samples its posterior
+    one = e4t.tune(unet, encoder, offsets, image, cfg=cfg, **kw)
+    torch.manual_seed(5)
+    four = e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(**{**cfg.__dict__, "accumulation": 4}), **kw)
+    assert one.losses == pytest.approx(four.losses, rel=1e-5)
+    t = offsets.targets[0]
+    torch.testing.assert_close(one.offsets[t].linear_row.weight, four.offsets[t].linear_row.weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(one.unet_delta["out.2.weight"], four.unet_delta["out.2.weight"], rtol=1e-3, atol=1e-7)
+
+
+def test_attention_only_trains_only_attention(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    result = e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(steps=1, batch_size=2, resolution=64, trains="attention"), **kw)
+    assert result.unet_delta and all(".attn1." in k or ".attn2." in k for k in result.unet_delta)
+
+
+def test_mask_restricts_the_loss_to_masked_pixels_exactly():
+    pred, tgt = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 1:7] = 1
+    want = ((pred - tgt) ** 2)[..., 2:5, 1:7].mean()
+    torch.testing.assert_close(diffusion_loss(pred, tgt, mask), want)
+    outside = pred.clone()
+    outside[..., 0, :] += 10
+    assert torch.equal(diffusion_loss(outside, tgt, mask), diffusion_loss(pred, tgt, mask))
+
+
+def test_masked_tune_ignores_what_lies_outside_the_mask(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    mask = torch.zeros(80, 64)
+    mask[:40] = 1
+    cfg = TuneConfig(steps=1, batch_size=2, resolution=64)
+    a = e4t.tune(unet, encoder, offsets, image, cfg=cfg, mask=mask, **kw)
+    assert len(a.losses) == 1 and a.losses[0] > 0
+
+
+def test_presets():
+    assert e4t.preset("face").reg_lambda == 0.1 and e4t.preset("face").steps == 15
+    assert e4t.preset("cat", batch_size=4).lr == 3e-6 and e4t.preset("cat").steps == 5
+    assert e4t.preset("published").reg_lambda == 1e-4 and e4t.preset("published").lr == 1.6e-5
+    with pytest.raises(ValueError, match="face"):
+        e4t.preset("dog")
+
+
+def test_varied_augmentation_encodes_all_crops_once(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    seen = []
+    inner = kw["vae_encode"]
+    kw["vae_encode"] = lambda images: (seen.append(images.shape[0]), inner(images))[1]
+    e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(steps=3, batch_size=4, resolution=64,
+                                                          augmentation="varied", n_augmentations=3), **kw)
+    assert seen == [3]
