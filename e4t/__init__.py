@@ -2,7 +2,7 @@
 
 Public API (hosts use only these names):
     load, save, convert, E4TWeights, DomainConfig, E4TFileError  -- weight files
-    Encoder, EncoderConfig, ImageFeatures                        -- the encoder
+    Encoder, EncoderConfig, ImageFeatures, FoldedEncoder         -- the encoder (full; folded for sampling)
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
     predict_embedding, Refinement, unet_features                  -- per-step refinement
     encode_with_word, domain_embedding                            -- placeholder injection in CLIP text
@@ -10,7 +10,7 @@ Public API (hosts use only these names):
     sd1_alphas_cumprod                                            -- SD1.x noise schedule
 """
 from .checkpoint import DomainConfig, E4TFileError, E4TWeights, convert, load, save
-from .encoder import Encoder, EncoderConfig, ImageFeatures
+from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures
 from .losses import sd1_alphas_cumprod
 from .offsets import Offsets, applied, merge, targets
 from .refinement import Refinement, predict_embedding, unet_features
@@ -18,6 +18,6 @@ from .text import domain_embedding, encode_with_word
 from .tune import PRESETS, Interrupted, TuneConfig, TuneResult, preset, tune
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "Encoder", "EncoderConfig",
-           "ImageFeatures", "Offsets", "targets", "merge", "applied", "predict_embedding", "Refinement",
+           "ImageFeatures", "FoldedEncoder", "Offsets", "targets", "merge", "applied", "predict_embedding", "Refinement",
            "unet_features", "encode_with_word", "domain_embedding", "tune", "TuneConfig", "TuneResult", "PRESETS",
            "preset", "Interrupted", "sd1_alphas_cumprod"]

@@ -80,10 +80,8 @@ def clip_tokens(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ImageFeatures:
-    """What the encoder needs from one concept image, computed once: its CLIP tokens and,
-    for frozen heads, the image half of the head folded into one vector (see `Encoder.fold`)."""
-    tokens: torch.Tensor                 # (b, n, width)
-    folded: torch.Tensor | None = None   # (b, width)
+    """The CLIP tokens of one concept image (b, n, width): the ViT runs once per image."""
+    tokens: torch.Tensor
 
 
 class Encoder(nn.Module):
@@ -106,25 +104,11 @@ class Encoder(nn.Module):
     def image_features(self, image: torch.Tensor) -> ImageFeatures:
         """Run the ViT once for a concept image (b, 3, h, w) in [-1, 1]."""
         param = self.clip_vision.conv1.weight
+        if param.is_meta:
+            raise RuntimeError("this E4T file carries no ViT backbone, only the cached tokens of its concept "
+                               "image: apply it without a new image, or load the full E4T weights")
         pixels = preprocess(image.to(param.device, torch.float32), self.cfg.image_size).to(param.dtype)
         return ImageFeatures(tokens=clip_tokens(self.clip_vision, pixels))
-
-    def _stacked_first(self):
-        weight = torch.stack([lin.weight for lin in self.first_linears])  # (n, d, d)
-        bias = torch.stack([lin.bias for lin in self.first_linears])      # (n, d)
-        return weight, bias
-
-    def fold(self, features: ImageFeatures) -> ImageFeatures:
-        """Precompute the image-dependent half of mean_i first_linears[i](feature_linear([h_i, u])).
-
-        The chain is linear until the mean, so it splits exactly into an image term (fixed per
-        concept image) plus (mean_i F_i) applied to the U-Net half. Valid while the heads are frozen.
-        """
-        d = self.cfg.vit_width
-        weight, bias = self._stacked_first()
-        h = features.tokens.to(weight.dtype) @ self.feature_linear.weight[:, :d].T          # (b, n, d)
-        image_term = torch.einsum("bni,noi->bo", h, weight) / weight.shape[0] + bias.mean(0)
-        return ImageFeatures(tokens=features.tokens, folded=image_term)
 
     def embed_unet(self, unet_maps) -> torch.Tensor:
         """Spatial mean of each map, concatenated in order, then the U-Net embedder: (b, d)."""
@@ -132,13 +116,48 @@ class Encoder(nn.Module):
         return self.unet_feature_embedder(pooled.to(self.final_linear.weight.dtype))
 
     def forward(self, features: ImageFeatures, unet_maps) -> torch.Tensor:
+        """The published forward, batched: z_i = F_i(L [h_i; u]); e = final(leaky(mean_i z_i))."""
         d = self.cfg.vit_width
         u = self.embed_unet(unet_maps)                                                    # (b, d)
         u_term = u @ self.feature_linear.weight[:, d:].T + self.feature_linear.bias       # (b, d)
-        weight, bias = self._stacked_first()
-        if features.folded is not None:
-            z = features.folded + u_term @ weight.mean(0).T                              # (b, d)
-        else:
-            h = features.tokens.to(u.dtype) @ self.feature_linear.weight[:, :d].T         # (b|1, n, d)
-            z = torch.einsum("bni,noi->bo", h + u_term[:, None], weight) / weight.shape[0] + bias.mean(0)
+        h = features.tokens.to(u.dtype) @ self.feature_linear.weight[:, :d].T             # (b|1, n, d)
+        weight = torch.stack([lin.weight for lin in self.first_linears])                  # (n, d, d)
+        bias = torch.stack([lin.bias for lin in self.first_linears])                      # (n, d)
+        z = torch.einsum("bni,noi->bo", h + u_term[:, None], weight) / len(self.first_linears) + bias.mean(0)
+        return self.final_linear(F.leaky_relu(z, 0.01))
+
+    @torch.no_grad()
+    def fold(self, features: ImageFeatures) -> "FoldedEncoder":
+        """The encoder for sampling, with frozen heads and one concept image (see FoldedEncoder)."""
+        return FoldedEncoder(self, features)
+
+
+class FoldedEncoder(nn.Module):
+    """E(image, ·) for a fixed image and frozen heads, exact up to float rounding.
+
+    feature_linear -> first_linears[i] -> mean is linear, so it splits into an image term computed
+    once (the ViT tokens through all 129 linears) and one matrix mean_i F_i applied to the U-Net half.
+    Per step this costs the U-Net embedder and three small matmuls; the 211 M-parameter stack of
+    first_linears is no longer needed, so this module is what hosts keep on the GPU while sampling.
+    """
+
+    def __init__(self, encoder: Encoder, features: ImageFeatures):
+        super().__init__()
+        d = encoder.cfg.vit_width
+        weight = torch.stack([lin.weight for lin in encoder.first_linears]).float()          # (n, d, d)
+        bias = torch.stack([lin.bias for lin in encoder.first_linears]).float()
+        lin = encoder.feature_linear
+        h = features.tokens.float() @ lin.weight[:, :d].float().T                           # (b, n, d)
+        mean_first = weight.mean(0)                                                          # (d, d)
+        self.register_buffer("image_term", torch.einsum("bni,noi->bo", h, weight) / weight.shape[0]
+                             + bias.mean(0) + lin.bias.float() @ mean_first.T)               # (b, d)
+        self.register_buffer("u_matrix", mean_first @ lin.weight[:, d:].float())             # (d, d)
+        self.unet_feature_embedder = encoder.unet_feature_embedder
+        self.final_linear = encoder.final_linear
+
+    def forward(self, unet_maps) -> torch.Tensor:
+        pooled = torch.cat([m.float().mean(dim=(2, 3)) for m in unet_maps], dim=-1)
+        dtype = self.final_linear.weight.dtype
+        u = self.unet_feature_embedder(pooled.to(dtype))                                     # (b, d)
+        z = self.image_term.to(dtype) + u @ self.u_matrix.to(dtype).T
         return self.final_linear(F.leaky_relu(z, 0.01))

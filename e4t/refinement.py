@@ -9,7 +9,6 @@ import math
 
 import torch
 
-from .encoder import Encoder, ImageFeatures
 from .losses import placeholder_word
 
 
@@ -26,9 +25,9 @@ def unet_dtype(unet) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else next(unet.parameters()).dtype
 
 
-def unet_features(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list:
+def unet_features(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, dtype=None) -> list:
     """Outputs of every `input_blocks` entry, then of `middle_block`: the maps the encoder pools."""
-    dtype = unet_dtype(unet)
+    dtype = dtype or unet_dtype(unet)
     t = t.expand(x.shape[0]) if t.dim() == 0 or t.shape[0] == 1 else t
     emb = unet.time_embed(timestep_embedding(t, unet.model_channels).to(x.device, dtype))
     context = context.to(x.device, dtype).expand(x.shape[0], -1, -1)
@@ -40,34 +39,39 @@ def unet_features(unet, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor)
     return maps
 
 
-def predict_embedding(encoder: Encoder, features: ImageFeatures, unet, x, t, empty_context,
-                      e_domain: torch.Tensor, scale: float) -> torch.Tensor:
-    """One refinement step: (b, 4, h, w) scaled noisy latent at timestep t -> w (b, word_dim)."""
-    maps = unet_features(unet, x, t, empty_context)
-    e = encoder(features, maps)
-    return placeholder_word(e_domain.to(e.device), e, scale)
+def predict_embedding(encoder, unet, x, t, empty_context, e_domain: torch.Tensor, scale: float,
+                      dtype=None) -> torch.Tensor:
+    """One refinement step: (b, 4, h, w) scaled noisy latent at timestep t -> w (b, word_dim).
+
+    encoder: maps -> E, e.g. a FoldedEncoder (sampling) or `lambda maps: encoder(features, maps)`.
+    """
+    e = encoder(unet_features(unet, x, t, empty_context, dtype))
+    return placeholder_word(e_domain.to(e.device), e.float(), scale)
 
 
 class Refinement:
     """Per-sampling-run state: predicts w each step until the timestep drops below `t_stop`,
     then keeps the last prediction (the embedding is frozen for the rest of the run)."""
 
-    def __init__(self, encoder: Encoder, features: ImageFeatures, e_domain, empty_context, scale: float,
-                 t_stop: float = 0.0):
-        self.encoder, self.features = encoder, features
+    def __init__(self, encoder, e_domain, empty_context, scale: float, t_stop: float = 0.0):
+        self.encoder = encoder
         self.e_domain, self.empty_context, self.scale, self.t_stop = e_domain, empty_context, scale, t_stop
-        self.last = None
-        self.history = []  # (t, ‖w - e_domain‖) per prediction, for plots
+        self.reset()
 
     def reset(self):
-        self.last, self.history = None, []
+        self.last, self.t_prev = None, None
+        self.history = []  # (t, ‖w - e_domain‖) per prediction, for plots
 
     @torch.no_grad()
-    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, dtype=None) -> torch.Tensor:
+        """x: the scheduler-scaled latent; a timestep above the last one starts a new run."""
         t_now = float(t.flatten()[0])
+        if self.t_prev is not None and t_now > self.t_prev:
+            self.reset()
+        self.t_prev = t_now
         frozen = self.last is not None and t_now < self.t_stop and self.last.shape[0] == x.shape[0]
         if not frozen:
-            self.last = predict_embedding(self.encoder, self.features, unet, x, t, self.empty_context,
-                                          self.e_domain, self.scale)
+            self.last = predict_embedding(self.encoder, unet, x, t, self.empty_context, self.e_domain,
+                                          self.scale, dtype)
             self.history.append((t_now, float((self.last - self.e_domain.to(self.last)).norm(dim=-1).mean())))
         return self.last

@@ -43,7 +43,7 @@ def test_encoder_equals_the_published_forward(encoder, unet):
         feats = encoder.image_features(image)
         assert feats.tokens.shape == (1, encoder.cfg.n_tokens, encoder.cfg.vit_width)
         got = encoder(feats, maps)
-        folded = encoder(encoder.fold(feats), maps)
+        folded = encoder.fold(feats)(maps)
     assert got.shape == (2, encoder.cfg.word_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(folded, want, rtol=1e-5, atol=1e-6)
@@ -78,21 +78,21 @@ def test_backbone_is_built_without_download_and_has_no_projection(encoder):
 
 def test_embedding_changes_with_timestep_and_latent_and_freezes_after_t_stop(encoder, unet):
     torch.manual_seed(0)
-    feats = encoder.fold(encoder.image_features(torch.rand(1, 3, 32, 32) * 2 - 1))
+    folded = encoder.fold(encoder.image_features(torch.rand(1, 3, 32, 32) * 2 - 1))
     e_dom, empty = torch.randn(32), torch.randn(1, 77, 32)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        w = lambda x, t: predict_embedding(encoder, feats, unet, x, torch.tensor([t]), empty, e_dom, 0.1)
+        w = lambda x, t: predict_embedding(folded, unet, x, torch.tensor([t]), empty, e_dom, 0.1)
         assert not torch.equal(w(x, 900), w(x, 100))
         assert not torch.equal(w(x, 500), w(x + 0.5 * torch.randn_like(x), 500))
         torch.testing.assert_close(w(x, 500), w(x.clone(), 500), rtol=0, atol=0)
-    refine = Refinement(encoder, feats, e_dom, empty, scale=0.1, t_stop=400)
+    refine = Refinement(folded, e_dom, empty, scale=0.1, t_stop=400)
     outs = [refine(unet, torch.randn(1, 4, 8, 8), torch.tensor([t])) for t in (999, 700, 450, 300, 100)]
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
     assert torch.equal(outs[2], outs[3]) and torch.equal(outs[3], outs[4])       # frozen below t_stop
     assert [t for t, _ in refine.history] == [999, 700, 450]
-    refine.reset()
-    assert not torch.equal(refine(unet, torch.randn(1, 4, 8, 8), torch.tensor([100])), outs[4])
+    again = refine(unet, torch.randn(1, 4, 8, 8), torch.tensor([999]))     # a new run starts afresh
+    assert not torch.equal(again, outs[4]) and [t for t, _ in refine.history] == [999]
 
 
 def test_feature_pass_matches_the_unet_down_path(unet):
