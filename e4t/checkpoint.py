@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+from torch import nn
 
 from .encoder import Encoder, EncoderConfig
 from .offsets import Offsets, from_published, load_checked, to_published
@@ -106,10 +107,16 @@ def infer_encoder_config(sd: dict, prefix: str = "", head_width: int = 80) -> En
 
 
 def build_encoder(cfg: EncoderConfig, state: dict) -> Encoder:
-    """An Encoder holding exactly these tensors (built on the meta device: no random init, no copy)."""
+    """An Encoder holding exactly these tensors (built on the meta device: no random init, no copy).
+    Without any `clip_vision.*` tensor the backbone stays on the meta device: such an encoder works
+    only from cached image tokens (a saved concept)."""
     with torch.device("meta"):
         encoder = Encoder(cfg)
-    load_checked(encoder, state, "encoder", assign=True)
+    if not any(k.startswith("clip_vision.") for k in state):
+        heads = nn.ModuleDict({k: v for k, v in encoder.named_children() if k != "clip_vision"})
+        load_checked(heads, state, "encoder", assign=True)
+    else:
+        load_checked(encoder, state, "encoder", assign=True)
     return encoder.requires_grad_(False).eval()
 
 
@@ -280,18 +287,18 @@ def load_file(path: str, backbone: dict | None = None) -> E4TWeights:
         group, _, name = key.partition(".")
         groups.setdefault(group, {})[name] = value
     enc_sd = groups.get("encoder", {})
-    if not cfg.backbone_included:
-        if backbone is None:
-            raise E4TFileError(f"{path} carries no ViT backbone: give the stock {cfg.backbone_id} CLIP-vision "
-                               f"file it was converted against")
+    concept = groups.get("concept", {})
+    if not cfg.backbone_included and backbone is not None:
         stock = backbone_state(backbone)
         if tensors_sha256(stock) != cfg.backbone_sha256:
             raise E4TFileError(f"{path}: the given CLIP-vision weights are not the backbone this file was "
                                f"converted against ({cfg.backbone_id}); use that exact file")
         enc_sd.update({f"clip_vision.{k}": v for k, v in stock.items()})
+    elif not cfg.backbone_included and "tokens" not in concept:
+        raise E4TFileError(f"{path} carries no ViT backbone: give the stock {cfg.backbone_id} CLIP-vision "
+                           f"file it was converted against")
     encoder = build_encoder(EncoderConfig(**cfg.encoder), enc_sd)
     offsets = from_published(groups.get("offsets", {})).requires_grad_(False).eval()
-    concept = groups.get("concept", {})
     return E4TWeights(config=cfg, encoder=encoder, offsets=offsets, unet_delta=groups.get("unet_delta", {}),
                       concept_tokens=concept.get("tokens"), concept_image=concept.get("image"))
 
