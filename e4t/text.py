@@ -42,3 +42,15 @@ def encode_with_word(text_model, tokens: torch.Tensor, word: torch.Tensor, posit
 def domain_embedding(text_model, token_id: int) -> torch.Tensor:
     """e_domain: the input token embedding of the domain word (one CLIP token, e.g. 'face')."""
     return text_model.embeddings.token_embedding.weight[token_id].detach().float().clone()
+
+
+class WordInjector(torch.nn.Module):
+    """`encode_with_word` as a module, so a host can run it with substituted (trainable or cloned)
+    text-encoder weights through `torch.func.functional_call`."""
+
+    def __init__(self, text_model, n_layers: int | None = None):
+        super().__init__()
+        self.text_model, self.n_layers = text_model, n_layers
+
+    def forward(self, tokens, word, position):
+        return encode_with_word(self.text_model, tokens, word, position, self.n_layers)

@@ -1,11 +1,16 @@
+import importlib.util
 import os
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # tiny models: one thread is faster and steadier on small runners
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+# The engine is imported by path: putting the repository root on sys.path would let our `nodes/`
+# package shadow ComfyUI's `nodes` module.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]   # `python -m pytest` adds it
+_spec = importlib.util.spec_from_file_location("e4t", os.path.join(ROOT, "e4t", "__init__.py"),
+                                               submodule_search_locations=[os.path.join(ROOT, "e4t")])
+sys.modules["e4t"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules["e4t"])
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

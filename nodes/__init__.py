@@ -1,0 +1,27 @@
+"""ComfyUI nodes of the E4T pack: thin declarations over the engine in `e4t/`."""
+from . import folders
+from .nodes_apply import E4TApply
+from .nodes_concept import E4TLoadConcept, E4TSaveConcept
+from .nodes_encode import E4TTextEncode
+from .nodes_load import E4TLoader
+from .nodes_tune import E4TPersonalize
+
+folders.register()
+
+# Node ids are public API (saved workflows use them): never rename without an alias.
+NODE_CLASS_MAPPINGS = {
+    "E4TLoader": E4TLoader,
+    "E4TApply": E4TApply,
+    "E4TTextEncode": E4TTextEncode,
+    "E4TPersonalize": E4TPersonalize,
+    "E4TSaveConcept": E4TSaveConcept,
+    "E4TLoadConcept": E4TLoadConcept,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "E4TLoader": "Load E4T",
+    "E4TApply": "Apply E4T",
+    "E4TTextEncode": "E4T Text Encode",
+    "E4TPersonalize": "E4T Personalize (tune)",
+    "E4TSaveConcept": "E4T Save Concept",
+    "E4TLoadConcept": "E4T Load Concept",
+}

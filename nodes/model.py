@@ -1,0 +1,66 @@
+"""The E4T object that flows between nodes (type "E4T"): weights plus what is derived from them once."""
+import hashlib
+import logging
+
+import torch
+
+from ..e4t import E4TFileError, E4TWeights, ImageFeatures
+from ..e4t.checkpoint import backbone_state, tensors_sha256
+
+
+def image_to_engine(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (b, h, w, 3) in [0, 1] -> the first image as (3, h, w) in [-1, 1]."""
+    return image[0].movedim(-1, 0).float() * 2 - 1
+
+
+def image_sha256(image: torch.Tensor) -> str:
+    return hashlib.sha256((image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+
+
+class E4T:
+    """Loaded E4T weights. ΔW is formed once per object and the ViT runs once per concept image."""
+
+    def __init__(self, weights: E4TWeights, name: str):
+        self.weights, self.name = weights, name
+        self._deltas = None
+        self._features = {}
+
+    @property
+    def config(self):
+        return self.weights.config
+
+    def deltas(self) -> dict:
+        if self._deltas is None:
+            with torch.no_grad():
+                self._deltas = {k: d.float() for k, d in self.weights.offsets.float().deltas().items()}
+        return self._deltas
+
+    def use_stock_backbone(self, clip_vision) -> None:
+        """A core CLIP_VISION may stand in only for a file without backbone and only if proven identical."""
+        enc = self.weights.encoder
+        if not enc.clip_vision.conv1.weight.is_meta:
+            return
+        stock = backbone_state(clip_vision.model.state_dict() if hasattr(clip_vision, "model") else clip_vision)
+        if not self.config.backbone_sha256 or tensors_sha256(stock) != self.config.backbone_sha256:
+            raise E4TFileError(f"{self.name}: the CLIP vision model is not the backbone this E4T file was made "
+                               f"with ({self.config.backbone_id}); load the matching CLIP vision file")
+        enc.clip_vision.load_state_dict({k: v.float() for k, v in stock.items()}, assign=True)
+
+    def features(self, image: torch.Tensor | None, device) -> ImageFeatures:
+        """ViT tokens of the concept image (cached per image); a saved concept's own tokens without one."""
+        if image is None:
+            if self.weights.concept_tokens is None:
+                raise E4TFileError(f"{self.name} is not a personalised concept: connect the concept IMAGE")
+            return ImageFeatures(tokens=self.weights.concept_tokens.float().to(device))
+        key = (image_sha256(image), str(device))
+        if key not in self._features:
+            enc = self.weights.encoder
+            if enc.clip_vision.conv1.weight.is_meta:
+                raise E4TFileError(f"{self.name} carries no ViT backbone: connect the CLIP_VISION it was "
+                                   f"converted against, or leave IMAGE empty to use the saved concept")
+            enc.clip_vision.to(device)
+            with torch.no_grad():
+                self._features = {key: enc.image_features(image_to_engine(image)[None].to(device))}
+            if self.weights.concept_tokens is not None:
+                logging.info("E4T: %s: using the new image instead of the saved concept's", self.name)
+        return self._features[key]

@@ -1,0 +1,146 @@
+"""E4T Personalize: tune encoder heads, offsets and U-Net on one concept image (paper §3.4)."""
+import hashlib
+import inspect
+from dataclasses import asdict
+
+import torch
+
+import comfy.model_base
+import comfy.model_management
+import comfy.utils
+
+from .. import e4t as engine
+from ..e4t.checkpoint import DomainConfig, E4TWeights
+from ..e4t.plots import line_plot
+from .model import E4T, image_sha256, image_to_engine
+from .prompt import PlaceholderPrompt
+from .refine import apply_e4t, base_fingerprint, domain_token, text_model
+
+
+def _in_place_residuals() -> bool:
+    """ComfyUI before 2025 adds transformer residuals in place, which autograd refuses."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    return "x += n" in inspect.getsource(BasicTransformerBlock)
+
+
+def _n_layers(clip, tm):
+    idx = clip.layer_idx
+    if idx is None:
+        return None
+    return (len(tm.encoder.layers) + idx + 1) if idx < 0 else idx + 1
+
+
+def _send(event, data):
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_sync(event, data)
+    except (ImportError, AttributeError):
+        pass
+
+
+def _rounded(weights: E4TWeights, dtype=torch.float16) -> E4TWeights:
+    """Round a tuned concept to its file precision, so the returned MODEL is exactly what a save reloads."""
+    cast = lambda m: m.to(dtype).float()
+    weights.unet_delta = {k: v.to(dtype) for k, v in weights.unet_delta.items()}
+    weights.concept_tokens = weights.concept_tokens.to(dtype)
+    for p in weights.encoder.heads():
+        p.data = p.data.to(dtype).float()
+    cast(weights.offsets)
+    return weights
+
+
+class E4TPersonalize:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",), "e4t": ("E4T",), "image": ("IMAGE",),
+                "steps": ("INT", {"default": 15, "min": 1, "max": 500, "tooltip": "paper: 15 for faces, 5 for cats/art"}),
+                "batch_size": ("INT", {"default": 16, "min": 1, "max": 64, "tooltip": "the paper: 16 or more is crucial"}),
+                "lr": ("FLOAT", {"default": 1.6e-5, "min": 0.0, "max": 1e-2, "step": 1e-7, "round": False}),
+                "reg_lambda": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 10.0, "step": 1e-5, "round": False,
+                                         "tooltip": "embedding regulariser λ (published 1e-4; paper face 0.1)"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
+                "trains": (["all", "attention"], {"tooltip": "heads + offsets + the whole U-Net, or its attention only"}),
+                "memory": (["fast", "low_vram"], {"tooltip": "low_vram: micro-batches of 4 with the same loss"}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64}),
+            },
+            "optional": {"mask": ("MASK", {"tooltip": "restricts the loss to these pixels (e.g. the face)"})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL", "E4T", "IMAGE")
+    RETURN_NAMES = ("model", "e4t", "loss_plot")
+    FUNCTION = "personalize"
+    CATEGORY = "E4T"
+    DESCRIPTION = "Tunes E4T on one image in a few steps; returns the personalised model, the concept and the loss plot."
+
+    def personalize(self, model, clip, vae, e4t, image, steps, batch_size, lr, reg_lambda, seed, trains, memory,
+                    resolution, mask=None, unique_id=None):
+        accumulation = 4 if memory == "low_vram" and batch_size % 4 == 0 else 1
+        cfg = engine.TuneConfig(steps=steps, batch_size=batch_size, lr=lr, reg_lambda=reg_lambda, seed=seed,
+                                trains=trains, accumulation=accumulation, resolution=resolution,
+                                prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
+        work = model.get_non_dynamic_delegate() if getattr(model, "is_dynamic", lambda: False)() else model
+        comfy.model_management.load_models_gpu([work, clip.patcher])
+        device = work.load_device
+        unet = work.model.diffusion_model
+        tm = text_model(clip.cond_stage_model)
+        placeholder = e4t.config.placeholder
+
+        with torch.inference_mode(False):
+            injector = engine.WordInjector(tm, _n_layers(clip, tm))
+            text_weights = {k: v.detach().clone() for k, v in injector.named_parameters()}
+        prompts = {}
+
+        def text_encode(texts, words):
+            ids, pos = zip(*(prompts.setdefault(t, PlaceholderPrompt(clip, t, placeholder)).first_chunk() for t in texts))
+            return torch.func.functional_call(injector, text_weights, (torch.stack(ids).to(device), words,
+                                                                       torch.tensor(pos, device=device)))
+
+        def vae_encode(images):
+            with torch.inference_mode():
+                z = work.model.process_latent_in(vae.encode(((images + 1) / 2).movedim(1, -1)))
+            return z.clone()
+
+        with torch.no_grad():
+            empty_ids, _ = PlaceholderPrompt(clip, "", placeholder).first_chunk()
+            empty = injector(empty_ids[None].to(device), None, torch.zeros(1, dtype=torch.long, device=device))
+        features = e4t.features(image, device)
+        sampling = work.model.model_sampling
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def progress(step, total, loss):
+            pbar.update_absolute(step, total)
+            _send("e4t.tune", {"node": unique_id, "step": step, "total": total, "loss": loss})
+
+        engine_mask = None
+        if mask is not None:
+            m = mask[0] if mask.dim() == 3 else mask
+            engine_mask = torch.nn.functional.interpolate(m[None, None].float(), size=image.shape[1:3], mode="bilinear")[0, 0]
+        e4t.weights.encoder.to(device)
+        try:
+            result = engine.tune(
+                unet, e4t.weights.encoder, e4t.weights.offsets, image_to_engine(image).to(device), text_encode=text_encode,
+                vae_encode=vae_encode, e_domain=tm.embeddings.token_embedding.weight[domain_token(clip, e4t.config.domain_word)],
+                empty_context=empty, alphas_cumprod=getattr(sampling, "alphas_cumprod", engine.sd1_alphas_cumprod()),
+                scale=e4t.config.scale, placeholder=placeholder, cfg=cfg, mask=engine_mask, features=features,
+                progress=progress, should_stop=comfy.model_management.processing_interrupted,
+                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                clone_norm_inputs=_in_place_residuals())
+        except engine.Interrupted:
+            raise comfy.model_management.InterruptProcessingException()
+        finally:
+            e4t.weights.encoder.to("cpu")
+
+        config = DomainConfig.from_json(asdict(e4t.config))
+        config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": base_fingerprint(model),
+                          "source": e4t.name, "losses": result.losses, **{k: v for k, v in asdict(cfg).items()
+                                                                           if k not in ("templates",)}}
+        pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        tuned = E4T(_rounded(E4TWeights(config=config, encoder=result.encoder.cpu(), offsets=result.offsets.cpu(),
+                                         unet_delta={k: v.cpu() for k, v in result.unet_delta.items()},
+                                         concept_tokens=features.tokens.detach().cpu(), concept_image=pixels)),
+                    f"{e4t.name} + {hashlib.sha256(config.concept['image_sha256'].encode()).hexdigest()[:8]}")
+        plot = line_plot(range(1, len(result.losses) + 1), result.losses, "E4T tuning loss", "step", "loss")
+        return (apply_e4t(model, clip, tuned, None, 1.0, 0), tuned, plot[None])   # the saved tokens, as a reload uses

