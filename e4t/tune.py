@@ -16,7 +16,7 @@ from torch import nn
 from .encoder import Encoder, ImageFeatures
 from .losses import diffusion_loss, noisy, placeholder_word, regularizer, target
 from .offsets import Offsets, merge
-from .refinement import unet_features
+from .refinement import unet_dtype, unet_features
 
 TEMPLATES = {
     "published": ("a photo of {}",),
@@ -175,6 +175,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     params = enc.heads() + list(offs.parameters()) + [weights[n] for n in sorted(trained)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     call = _Call(unet)
+    dtype = unet_dtype(unet)
     e_dom = e_domain.detach().to(device, torch.float32).clone()
     empty = empty_context.detach().to(device).clone()
     acp = alphas_cumprod.to(device, torch.float32)
@@ -203,7 +204,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
                 maps = torch.func.functional_call(call, swap, (True, xt, tt, empty))
                 e = enc(features, maps)
                 w = placeholder_word(e_dom, e.float(), scale)
-                context = text_encode([prompts[i] for i in mb], w)
+                context = text_encode([prompts[i] for i in mb], w).to(dtype)   # a host may run CLIP in fp16
                 pred = torch.func.functional_call(call, swap, (False, xt, tt, context))
             loss = diffusion_loss(pred, target(cfg.prediction, x0, eps, acp[tt]),
                                   None if masks is None else masks[pick[mb]])

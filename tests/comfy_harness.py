@@ -124,8 +124,7 @@ class Host:
     def _executor(self):
         params = inspect.signature(self.execution.PromptExecutor.__init__).parameters
         if "cache_args" in params:
-            from comfy_execution.caching import CacheType
-            return self.execution.PromptExecutor(self.server, cache_type=CacheType.CLASSIC,
+            return self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
         return self.execution.PromptExecutor(self.server)
 
