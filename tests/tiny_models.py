@@ -84,7 +84,7 @@ def tiny_clip(seed=1):
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     with torch.inference_mode():
         if "model_options" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
-            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP)})
+            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP), "dtype": torch.float32})
         else:
             path = os.path.join(tempfile.mkdtemp(prefix="e4t-clip-"), "config.json")
             with open(path, "w") as f:
