@@ -41,18 +41,19 @@ if WeightAdapterBase is not None:
 
 def add_e4t_patches(model, deltas: dict, unet_delta: dict, strength: float) -> None:
     """Patch a MODEL clone: tuned U-Net delta (diff) then the offsets, both scaled by `strength`."""
+    base = model.model_state_dict()
+    missing = sorted(PREFIX + k for k in list(deltas) + list(unet_delta) if PREFIX + k not in base)
+    if missing:
+        raise ValueError(f"E4T weights do not fit this model: it has no weight {missing[0]!r} ({len(missing)} "
+                         f"missing). Is this an SD1.x model?")
     if unet_delta:
         model.add_patches({PREFIX + k: (v,) for k, v in unet_delta.items()}, strength)
     if WeightAdapterBase is not None:
-        patches = {PREFIX + k: E4TOffsetAdapter({PREFIX + k}, (d,)) for k, d in deltas.items()}
-    else:
-        base = model.model_state_dict()
-        patches = {}
-        for k, d in deltas.items():
-            w0 = base[PREFIX + k].float() + unet_delta.get(k, 0) * strength
-            patches[PREFIX + k] = ((w0 * d).to(base[PREFIX + k].dtype),)
-    accepted = model.add_patches(patches, strength)
-    if len(accepted) != len(patches):
-        missing = sorted(set(patches) - set(accepted))
-        raise ValueError(f"E4T offsets do not fit this model: no weight {missing[0]!r} "
-                         f"({len(missing)} of {len(patches)} missing). Is this an SD1.x model?")
+        model.add_patches({PREFIX + k: E4TOffsetAdapter({PREFIX + k}, (d,)) for k, d in deltas.items()}, strength)
+        return
+    patches = {}
+    for k, d in deltas.items():
+        w = base[PREFIX + k]
+        w0 = w.float() + strength * unet_delta[k].float() if k in unet_delta else w.float()
+        patches[PREFIX + k] = ((w0 * d).to(w.dtype),)
+    model.add_patches(patches, strength)

@@ -1,0 +1,104 @@
+"""E4T offsets as ComfyUI weight patches: order with LoRA, exact removal, the adapter as dynamic VRAM calls it."""
+import pytest
+import torch
+
+from comfy_harness import Host
+from test_comfyui import pack_module
+from tiny_models import tiny_model
+
+KEY = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.fixture(scope="module")
+def host():
+    return Host()
+
+
+def lora_for(model, key, rank=2, seed=0):
+    """A kohya-style LoRA file content for one weight, and its ΔW at strength 1."""
+    g = torch.Generator().manual_seed(seed)
+    w = model.model_state_dict()[key]
+    up, down = torch.randn(w.shape[0], rank, generator=g) * 0.1, torch.randn(rank, w.shape[1], generator=g) * 0.1
+    name = "lora_unet_" + key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+    return {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(float(rank))}, up @ down
+
+
+def deltas_for(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    sd = model.model_state_dict()
+    return {KEY[len("diffusion_model."):]: torch.randn(sd[KEY].shape, generator=g) * 0.2}
+
+
+def patched_weight(m):
+    m.patch_model()
+    try:
+        return m.model.state_dict()[KEY].clone()
+    finally:
+        m.unpatch_model()
+
+
+@pytest.mark.parametrize("e4t_first", [False, True])
+def test_offsets_stack_with_lora_in_graph_order_and_unpatch_exactly(host, e4t_first):
+    import comfy.sd
+    patches = pack_module("nodes.patches")
+    model = tiny_model(seed=4)
+    w0 = model.model.state_dict()[KEY].clone()
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    lora, d_lora = lora_for(model, KEY)
+    deltas = deltas_for(model)
+    d = deltas[KEY[len("diffusion_model."):]]
+    if e4t_first:
+        m = model.clone()
+        patches.add_e4t_patches(m, deltas, {}, 0.5)
+        m = comfy.sd.load_lora_for_models(m, None, lora, 0.7, 0.0)[0]
+        want = w0 * (1 + 0.5 * d) + 0.7 * d_lora
+    else:
+        m = comfy.sd.load_lora_for_models(model, None, lora, 0.7, 0.0)[0]
+        m = m.clone()
+        patches.add_e4t_patches(m, deltas, {}, 0.5)
+        if patches.WeightAdapterBase is not None:       # exact: scales the weight as accumulated
+            want = (w0 + 0.7 * d_lora) * (1 + 0.5 * d)
+        else:                                           # 2024 host: precomputed diff on the base weight
+            want = w0 + 0.7 * d_lora + 0.5 * w0 * d
+    torch.testing.assert_close(patched_weight(m), want, rtol=1e-5, atol=1e-6)
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} not restored"
+
+
+def test_unknown_keys_are_refused_with_a_clear_error(host):
+    patches = pack_module("nodes.patches")
+    m = tiny_model().clone()
+    with pytest.raises(ValueError, match="SD1.x"):
+        patches.add_e4t_patches(m, {"input_blocks.9.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 2)}, {}, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
+    """LowVramPatch runs comfy.lora.calculate_weight per layer call on the weight in its compute
+    dtype: LoRA patch first, then ours; the result is (W + ΔLoRA)(1 + sΔW) and ours writes nothing in place."""
+    import comfy.lora
+    import comfy.sd
+    patches = pack_module("nodes.patches")
+    if patches.WeightAdapterBase is None:
+        pytest.skip("this ComfyUI has no weight adapters (dynamic VRAM is newer)")
+    model = tiny_model(seed=5)
+    lora, d_lora = lora_for(model, KEY)
+    deltas = deltas_for(model)
+    d = deltas[KEY[len("diffusion_model."):]]
+    m = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)[0].clone()
+    patches.add_e4t_patches(m, deltas, {}, 0.8)
+    entries = m.patches[KEY]
+    ours = entries[-1][1]
+    assert isinstance(ours, patches.E4TOffsetAdapter)
+    rebuilt = type(ours)(ours.loaded_keys, ours.weights)            # as the core rebuilds adapters
+    assert rebuilt.calculate_shape(KEY) is None
+    w = model.model.state_dict()[KEY].to(dtype)
+    keep = w.clone()
+    out = comfy.lora.calculate_weight(entries[:-1] + [(0.8, rebuilt) + tuple(entries[-1][2:])], w.clone(), KEY,
+                                      intermediate_dtype=dtype)
+    want = (keep.float() + d_lora) * (1 + 0.8 * d)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-3)
+    alone = rebuilt.calculate_weight(w, KEY, 0.8, 1.0, None, lambda a: a, dtype)
+    assert torch.equal(w, keep), "the adapter wrote into the weight it was given"
+    torch.testing.assert_close(alone.float(), keep.float() * (1 + 0.8 * d), rtol=2e-2, atol=2e-3)
