@@ -87,7 +87,6 @@ class WeightHooks:
 def _bind(hook, store, strength):
     def bound(module, args, out):
         return hook(module, args, out, store, strength)
-    bound.e4t = True   # lets a clean-up find stray E4T hooks by marker
     return bound
 
 
@@ -132,18 +131,3 @@ def _norm_hook(module, args, out, store, strength):
     else:
         y = F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
     return y.to(out.dtype)
-
-
-def remove_stray_hooks(root: nn.Module) -> int:
-    """Remove E4T hooks left on `root` by a run that ended without clean-up; returns how many."""
-    n = 0
-    for module in root.modules():
-        for key, fn in list(module._forward_hooks.items()):
-            if getattr(fn, "e4t", False):
-                del module._forward_hooks[key]
-                n += 1
-        for key, fn in list(module._forward_pre_hooks.items()):
-            if getattr(fn, "e4t", False):
-                del module._forward_pre_hooks[key]
-                n += 1
-    return n
