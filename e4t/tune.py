@@ -2,16 +2,20 @@
 
 Host-free: the host hands in its U-Net module (CompVis layout), a differentiable `text_encode(prompts,
 words)` callable, a `vae_encode(images)` callable and the noise schedule. Nothing the host owns is
-modified: heads and offsets are trained on copies, U-Net weights through `torch.func.functional_call`
-with trainable copies, so an interrupted or failed tune leaves every model exactly as it was.
+modified: heads and offsets are trained on copies, and the U-Net runs with trainable copies of its
+weights substituted for the duration of each step, so an interrupted or failed tune leaves every model
+exactly as it was.
 """
 import copy
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .encoder import Encoder, ImageFeatures
 from .losses import diffusion_loss, noisy, placeholder_word, regularizer, target
@@ -45,6 +49,7 @@ class TuneConfig:
     grad_clip: float = 1.0
     weight_decay: float = 0.01
     accumulation: int = 1                # micro-batches per step; batch_size must divide evenly
+    checkpointing: bool = False          # recompute U-Net activations in backward (low-VRAM mode)
     seed: int = 0
 
 
@@ -91,17 +96,35 @@ def augment(image, mask, resolution: int, generator: torch.Generator):
     return stack[:3], (None if mask is None else stack[3])
 
 
-class _Call(nn.Module):
-    """Lets functional_call run either U-Net pass with substituted weights."""
+@contextmanager
+def substituted(module: nn.Module, tensors: dict):
+    """Module parameters replaced by the given tensors (keys are parameter names) until the block ends,
+    forward and backward alike (gradient checkpointing recomputes inside backward); then put back."""
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            owner, _, attr = name.rpartition(".")
+            sub = module.get_submodule(owner)
+            saved.append((sub, attr, sub._parameters.pop(attr)))
+            setattr(sub, attr, tensor)
+        yield module
+    finally:
+        for sub, attr, param in reversed(saved):
+            delattr(sub, attr)
+            sub._parameters[attr] = param
 
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
 
-    def forward(self, features: bool, x, t, context):
-        if features:
-            return unet_features(self.unet, x, t, context)
-        return self.unet(x, timesteps=t, context=context)
+@contextmanager
+def checkpointed(unet: nn.Module, enabled: bool):
+    """Gradient checkpointing per U-Net block: activations are recomputed in backward (low-VRAM mode)."""
+    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks) if enabled else []
+    try:
+        for block in blocks:
+            block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _trained_names(unet: nn.Module, trains: str):
@@ -174,7 +197,6 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
                for n, p in base.items()}
     params = enc.heads() + list(offs.parameters()) + [weights[n] for n in sorted(trained)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    call = _Call(unet)
     dtype = unet_dtype(unet)
     e_dom = e_domain.detach().to(device, torch.float32).clone()
     empty = empty_context.detach().to(device).clone()
@@ -188,9 +210,9 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
             raise Interrupted(f"tuning stopped before step {step + 1} of {cfg.steps}; nothing was changed")
         opt.zero_grad(set_to_none=True)
         # ΔW once per step: merged weights become leaves; their gradient flows back to offsets once.
-        merged = {f"unet.{k}": merge(weights[k], d) for k, d in offs.deltas().items()}
+        merged = {k: merge(weights[k], d) for k, d in offs.deltas().items()}
         leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
-        swap = {f"unet.{n}": w for n, w in weights.items()} | leaves
+        swap = weights | leaves
         # The step's randomness is drawn for the whole batch, so accumulation sees the same batch.
         pick = torch.randint(0, n_crops, (cfg.batch_size,), generator=generator)
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=generator).to(device)
@@ -200,19 +222,19 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
         for mb in torch.arange(cfg.batch_size).split(micro):
             x0, eps, tt = latents[pick[mb]], noise[mb], t[mb]
             xt = noisy(x0, eps, acp[tt])
-            with autocast:
-                maps = torch.func.functional_call(call, swap, (True, xt, tt, empty))
-                e = enc(features, maps)
-                w = placeholder_word(e_dom, e.float(), scale)
-                context = text_encode([prompts[i] for i in mb], w).to(dtype)   # a host may run CLIP in fp16
-                pred = torch.func.functional_call(call, swap, (False, xt, tt, context))
-            loss = diffusion_loss(pred, target(cfg.prediction, x0, eps, acp[tt]),
-                                  None if masks is None else masks[pick[mb]])
-            # Accumulation keeps the full-batch loss: the diffusion term is a mean, the published
-            # regulariser a sum over the batch, the paper's a mean.
-            reg_share = 1.0 if cfg.regularizer == "published" else 1 / cfg.accumulation
-            loss = loss / cfg.accumulation + reg_share * cfg.reg_lambda * regularizer(cfg.regularizer, w, e)
-            loss.backward()
+            with substituted(unet, swap), checkpointed(unet, cfg.checkpointing):
+                with autocast:
+                    e = enc(features, unet_features(unet, xt, tt, empty, dtype))
+                    w = placeholder_word(e_dom, e.float(), scale)
+                    context = text_encode([prompts[i] for i in mb], w).to(dtype)   # a host may run CLIP in fp16
+                    pred = unet(xt, timesteps=tt, context=context)
+                loss = diffusion_loss(pred, target(cfg.prediction, x0, eps, acp[tt]),
+                                      None if masks is None else masks[pick[mb]])
+                # Accumulation keeps the full-batch loss: the diffusion term is a mean, the published
+                # regulariser a sum over the batch, the paper's a mean.
+                reg_share = 1.0 if cfg.regularizer == "published" else 1 / cfg.accumulation
+                loss = loss / cfg.accumulation + reg_share * cfg.reg_lambda * regularizer(cfg.regularizer, w, e)
+                loss.backward()
             total += float(loss.detach())
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in merged]
         torch.autograd.backward(list(merged.values()), grads)

@@ -79,7 +79,7 @@ def test_gradients_reach_heads_offsets_and_unet_and_vae_runs_once(model, clip, v
 
 def _fixed_loss(unet, result_or_none, offsets, encoder, image, kw, seed=123):  # noqa: C901
     """Loss on one fixed batch with the (tuned) weights W = (W0 + D)(1 + ΔW), computed independently."""
-    from e4t.tune import _Call
+    from e4t.tune import substituted
     g = torch.Generator().manual_seed(seed)
     enc, offs = (encoder, offsets) if result_or_none is None else (result_or_none.encoder, result_or_none.offsets)
     delta = {} if result_or_none is None else result_or_none.unet_delta
@@ -88,15 +88,14 @@ def _fixed_loss(unet, result_or_none, offsets, encoder, image, kw, seed=123):  #
         x0 = x0.expand(4, -1, -1, -1)
         eps, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (4,), generator=g)
         xt = noisy(x0, eps, kw["alphas_cumprod"][t])
-        weights = {f"unet.{k}": v + delta.get(k, 0) for k, v in unet.state_dict().items()}
+        weights = {k: v + delta.get(k, 0) for k, v in unet.named_parameters()}
         for k, d in offs.deltas().items():
-            weights[f"unet.{k}"] = weights[f"unet.{k}"] * (1 + d)
-        call = _Call(unet)
+            weights[k] = weights[k] * (1 + d)
         feats = enc.image_features(image[None])
-        maps = torch.func.functional_call(call, weights, (True, xt, t, kw["empty_context"]))
-        w = kw["e_domain"] + 0.1 * enc(feats, maps)
-        ctx = kw["text_encode"]([f"a photo of {PLACEHOLDER}"] * 4, w)
-        pred = torch.func.functional_call(call, weights, (False, xt, t, ctx))
+        with substituted(unet, weights):
+            w = kw["e_domain"] + 0.1 * enc(feats, e4t.unet_features(unet, xt, t, kw["empty_context"]))
+            ctx = kw["text_encode"]([f"a photo of {PLACEHOLDER}"] * 4, w)
+            pred = unet(xt, timesteps=t, context=ctx)
         return float(diffusion_loss(pred, eps))
 
 
@@ -130,6 +129,19 @@ def test_accumulation_keeps_the_loss_and_the_update(model, clip, vae, encoder):
     t = offsets.targets[0]
     torch.testing.assert_close(one.offsets[t].linear_row.weight, four.offsets[t].linear_row.weight, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(one.unet_delta["out.2.weight"], four.unet_delta["out.2.weight"], rtol=1e-3, atol=1e-7)
+
+
+def test_checkpointing_gives_the_same_step(model, clip, vae, encoder):
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    cfg = TuneConfig(steps=2, batch_size=4, lr=1e-3, resolution=64)
+    torch.manual_seed(9)
+    plain = e4t.tune(unet, encoder, offsets, image, cfg=cfg, **kw)
+    torch.manual_seed(9)
+    ckpt = e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(**{**cfg.__dict__, "checkpointing": True}), **kw)
+    assert plain.losses == pytest.approx(ckpt.losses, rel=1e-6)
+    for k in ("out.2.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"):
+        torch.testing.assert_close(plain.unet_delta[k], ckpt.unet_delta[k], rtol=1e-4, atol=1e-8)
+    assert not hasattr(unet.input_blocks[1], "forward") or "forward" not in unet.input_blocks[1].__dict__
 
 
 def test_attention_only_trains_only_attention(model, clip, vae, encoder):

@@ -1,0 +1,286 @@
+"""A concept applied to one txt2img/img2img job: offsets as forward hooks, and the placeholder's
+embedding predicted again at every denoiser call.
+
+Per call (`on_cfg_denoiser`): the images' current latents are turned into the U-Net's actual input
+and timestep (k-diffusion: x·c_in and sigma_to_t(σ); timestep samplers such as DDIM: x_t and t as
+they are), the U-Net down path gives the maps from which the folded encoder predicts w for each
+image, and every positive sub-prompt that contains the placeholder is encoded again through the
+webui's prompt path with w in the placeholder's slot. Only `text_cond` changes; the negative
+prompt's conditioning is left as the webui made it.
+
+Lifecycle: `start` in Script.process (after the webui reloads its embeddings), `begin_pass` before
+each sampler run (hires fix: twice), `stop` in Script.postprocess and at every entry point that may
+follow a failed job. Errors are raised from the U-Net's first call (`_Guard`), because the webui
+only logs exceptions from scripts and callbacks and would otherwise return images without E4T.
+"""
+import logging
+
+import torch
+
+import e4t
+
+from . import host, store
+from .hooks import WeightHooks
+from .host import E4TError
+
+log = logging.getLogger("e4t")
+
+
+class Concept:
+    """What sampling needs from a concept file, derived once per file version (CPU)."""
+
+    def __init__(self, name: str, path: str):
+        weights = store.load(path, keep=1)
+        if weights.concept_tokens is None:
+            raise E4TError(f"{name!r} is not a personalised concept")
+        self.name, self.path, self.config = name, path, weights.config
+        features = e4t.ImageFeatures(tokens=weights.concept_tokens.float())
+        with torch.no_grad():
+            self.folded = weights.encoder.float().fold(features).eval()
+            self.deltas = {k: d.float() for k, d in weights.offsets.float().deltas().items()}
+        self.unet_delta = weights.unet_delta
+        self.unet_dim = weights.encoder.cfg.unet_dim
+        self.word_dim = weights.encoder.cfg.word_dim
+
+    @property
+    def placeholder(self):
+        return self.config.placeholder
+
+
+_concepts = {}
+
+
+def concept(name: str) -> Concept:
+    path = store.path_of(name, store.CONCEPT)
+    key = (path, store._mtime(path))
+    if key not in _concepts:
+        _concepts.clear()                     # one concept's derived tensors in RAM at a time
+        _concepts[key] = Concept(name, path)
+    return _concepts[key]
+
+
+def model_input(denoiser, x: torch.Tensor, sigma: torch.Tensor):
+    """(U-Net input, timestep) for the sampler's x and sigma, as its denoiser would compute them."""
+    from modules import sd_samplers_timesteps
+    if isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps):
+        return x, sigma                                      # DDIM, PLMS, UniPC: x_t and t already
+    inner = denoiser.inner_model
+    if hasattr(inner, "get_scalings") and hasattr(inner, "sigma_to_t"):
+        c_in = inner.get_scalings(sigma)[-1]                 # eps, v and LCM denoisers: c_in is last
+        return x * c_in.reshape(-1, 1, 1, 1).to(x), inner.sigma_to_t(sigma)
+    raise E4TError(f"unsupported sampler: its denoiser {type(inner).__name__} has no sigma scalings")
+
+
+class PassPrompts:
+    """The positive prompts of one sampler run, split and scheduled exactly as the webui does it
+    (`prompt_parser.get_multicond_learned_conditioning`), so that rows line up with `text_cond`."""
+
+    def __init__(self, prompts, steps, hires_steps, width, height, placeholder):
+        from modules import prompt_parser, shared
+        self.sd_prompts = prompt_parser.SdConditioning(prompts, width=width, height=height)
+        res_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(self.sd_prompts)
+        self.flat = flat
+        self.schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
+            flat, steps, hires_steps, shared.opts.use_old_scheduling)
+        self.rows = [(image, index) for image, indexes in enumerate(res_indexes) for index, _ in indexes]
+        self.images = len(prompts)
+        self.refined = {i for i, schedule in enumerate(self.schedules)
+                        if any(placeholder in text for _, text in schedule)}
+
+    def schedule_index(self, index: int, step: int) -> int:
+        for current, (end_at_step, _) in enumerate(self.schedules[index]):
+            if step <= end_at_step:
+                return current
+        return 0
+
+
+class _Guard:
+    """A pre-hook on the U-Net that raises a stored error, so a failed E4T setup fails the job."""
+
+    def __init__(self, unet):
+        self.error, self.handle = None, None
+        self.handle = unet.register_forward_pre_hook(self._check)
+
+    def _check(self, module, args):
+        if self.error is not None:
+            error, self.error = self.error, None
+            RUNTIME.stop()
+            raise error
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+class Session:
+    def __init__(self, p, concept_name: str, strength: float, t_stop: float):
+        from modules import devices, shared
+        sd_model = shared.sd_model
+        host.check_model(sd_model)
+        if getattr(p, "refiner_checkpoint_info", None) is not None:
+            raise E4TError("E4T cannot follow a refiner checkpoint switch; turn the refiner off")
+        if getattr(p, "enable_hr", False) and getattr(p, "hr_checkpoint_info", None) is not None:
+            raise E4TError("E4T cannot follow a hires-fix checkpoint switch; use the same checkpoint for hires fix")
+        self.p, self.sd_model, self.unet = p, sd_model, host.unet(sd_model)
+        self.concept = c = concept(concept_name)
+        self.strength, self.t_stop = float(strength), float(t_stop)
+        self.placeholder_text = c.placeholder
+        self._check_fit()
+        self.device = devices.device
+        self.hooks, self.placeholder, self.pass_prompts, self.calls, self._cache = None, None, None, 0, {}
+        try:
+            e_domain = host.input_embedding(sd_model, host.single_token(sd_model, c.config.domain_word))
+            e_domain = e_domain.to(self.device)
+            self.refinement = e4t.Refinement(c.folded.to(self.device), e_domain, host.empty_context(sd_model),
+                                             c.config.scale, self.t_stop)
+            storage = torch.device("cpu") if host.low_vram(sd_model) else self.device
+            self.hooks = WeightHooks(self.unet, c.deltas, c.unet_delta, self.strength, storage=storage).apply()
+            self.placeholder = host.Placeholder(sd_model, c.placeholder, e_domain)
+            host.clear_cond_caches(p)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_fit(self):
+        c, unet = self.concept, self.unet
+        _, tm = host.text_model(self.sd_model)
+        width = tm.embeddings.position_embedding.weight.shape[-1]
+        channels = sum(e4t.encoder.unet_feature_channels(unet.model_channels, unet.channel_mult,
+                                                         unet.num_res_blocks[0]))
+        if c.word_dim != width or c.unet_dim != channels:
+            raise E4TError(f"concept {c.name!r} was made for another model size (word width {c.word_dim}, U-Net "
+                           f"features {c.unet_dim}); this checkpoint has {width} and {channels}")
+
+    def infotext(self) -> dict:
+        c = self.concept
+        return {"E4T": c.name, "E4T hash": store.file_hash(c.path, c.name)[:10],
+                "E4T strength": self.strength, "E4T t_stop": int(self.t_stop)}
+
+    def begin_pass(self, p):
+        """Prompts, steps and size of the sampler run about to start, as the webui computed its conds."""
+        from modules import sd_samplers
+        if getattr(p, "is_hr_pass", False):
+            config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
+            steps = p.hr_second_pass_steps or p.steps
+            hires = config.total_steps(steps) if config else steps
+            args = (p.hr_prompts, p.firstpass_steps, hires, p.hr_upscale_to_x, p.hr_upscale_to_y)
+        else:
+            args = (p.prompts, p.firstpass_steps, None, p.width, p.height)
+        self.pass_prompts = PassPrompts(*args, self.placeholder_text)
+        self.refinement.reset()
+        self._cache = {}
+
+    @torch.no_grad()
+    def on_cfg_denoiser(self, params):
+        from modules import devices
+        prompts = self.pass_prompts
+        cond = params.text_cond
+        if not isinstance(cond, torch.Tensor) or cond.shape[0] != len(prompts.rows) or \
+                params.text_uncond.shape[0] != prompts.images:
+            raise E4TError(f"unexpected conditioning layout ({tuple(getattr(cond, 'shape', ()))} for "
+                           f"{len(prompts.rows)} prompt rows): another extension may have changed it")
+        n = prompts.images
+        x, t = model_input(params.denoiser, params.x[-n:], params.sigma[-n:])
+        t = t.to(devices.dtype_unet).float()                # the precision the U-Net call gets
+        with devices.autocast():
+            host.unet_on_device(self.sd_model)
+            words = self.refinement(self.unet, x, t, devices.dtype_unet)      # (n, d)
+        self.calls += 1
+        if not prompts.refined:
+            return
+        if words is not self._cache.get("words"):
+            self._cache = {"words": words}
+        step = params.denoiser.step
+        new = cond.clone()
+        for row, (image, index) in enumerate(prompts.rows):
+            if index in prompts.refined:
+                enc = self._encoded(image, index, words)[prompts.schedule_index(index, step)]
+                new[row] = _fit_tokens(enc, cond.shape[1]).to(cond)
+        params.text_cond = new
+
+    def _encoded(self, image, index, words):
+        """The conds of one flat prompt's schedule with image `image`'s w (cached while w is unchanged)."""
+        from modules import devices, prompt_parser
+        key = (image, index)
+        if key not in self._cache:
+            texts = prompt_parser.SdConditioning([text for _, text in self.pass_prompts.schedules[index]],
+                                                 copy_from=self.pass_prompts.sd_prompts)
+            self.placeholder.set(words[image])
+            with devices.autocast():
+                self._cache[key] = self.sd_model.get_learned_conditioning(texts)
+        return self._cache[key]
+
+    def close(self):
+        if self.hooks is not None:
+            self.hooks.remove()
+        if self.placeholder is not None:
+            self.placeholder.remove()
+        host.clear_cond_caches(self.p)
+
+
+def _fit_tokens(cond: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Pad with the last vector to `tokens` rows, as `prompt_parser.stack_conds` does."""
+    if cond.shape[0] < tokens:
+        cond = torch.vstack([cond, cond[-1:].repeat(tokens - cond.shape[0], 1)])
+    if cond.shape[0] != tokens:
+        raise E4TError(f"the re-encoded prompt has {cond.shape[0]} tokens, the batch {tokens}")
+    return cond
+
+
+class Runtime:
+    """The one E4T job in flight (the webui runs jobs one at a time)."""
+
+    def __init__(self):
+        self.session, self.guard = None, None
+
+    def start(self, p, concept_name, strength, t_stop):
+        from modules import shared
+        self.stop()
+        if host.is_forge():
+            raise E4TError(host.FORGE_MESSAGE)
+        self.guard = _Guard(host.unet(shared.sd_model))
+        try:
+            self.session = Session(p, concept_name, strength, t_stop)
+            p.extra_generation_params.update(self.session.infotext())
+            prompts = list(p.all_prompts or []) + list(getattr(p, "all_hr_prompts", None) or [])
+            if not any(self.session.placeholder_text in text for text in prompts):
+                p.comment(f"E4T: no prompt contains the placeholder {self.session.placeholder_text}; "
+                          f"only the concept's U-Net weights apply")
+        except Exception as err:
+            self.fail(err)
+
+    def fail(self, err: Exception):
+        """Undo everything and make the job's next U-Net call raise `err` (clear message in the UI)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if not isinstance(err, E4TError):
+            log.exception("E4T failed")
+            err = E4TError(f"{type(err).__name__}: {err}")
+        if self.guard is not None:
+            self.guard.error = err
+
+    def begin_pass(self, p):
+        if self.session is not None:
+            try:
+                self.session.begin_pass(p)
+            except Exception as err:
+                self.fail(err)
+
+    def on_cfg_denoiser(self, params):
+        if self.session is not None and self.session.pass_prompts is not None:
+            try:
+                self.session.on_cfg_denoiser(params)
+            except Exception as err:
+                self.fail(err)
+
+    def stop(self, *_):
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.guard is not None:
+            self.guard.remove()
+            self.guard = None
+
+RUNTIME = Runtime()

@@ -1,0 +1,156 @@
+"""The E4T tab's tune: one image -> a personalised concept file, with the webui's loaded SD1 model.
+
+The engine's `e4t.tune` trains copies (heads, offsets, U-Net weights through functional_call), so
+the webui's model is never changed. This module supplies what it needs from the webui: the U-Net,
+a differentiable text encoder with the word at a one-token marker (the webui's own CLIP, CLIP skip
+as set), the VAE encoder the user selected, the noise schedule; and it saves the result in the
+format the ComfyUI pack reads (`e4t.save`, concept tokens and image, tuned U-Net delta,
+`config.concept` with the image hash and the tune settings).
+"""
+import hashlib
+import os
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+import e4t
+from e4t.checkpoint import backbone_state, tensors_sha256
+
+from . import host, store
+from .host import E4TError
+
+MARKERS = ("sks", "ohwx", "zwx", "xqx")      # a rare word that is one CLIP token holds w during tuning
+
+
+def image_tensor(image) -> torch.Tensor:
+    """PIL image -> (3, H, W) in [-1, 1]."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1) * 2 - 1
+
+
+def mask_tensor(mask, size) -> torch.Tensor | None:
+    """PIL mask -> (H, W) in [0, 1] at the image's size (white = the concept); None if empty."""
+    if mask is None:
+        return None
+    m = mask.convert("L")
+    if m.size != size:
+        m = m.resize(size)
+    t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
+    if t.max() <= 0:
+        raise E4TError("the mask is black everywhere: paint the concept white, or remove the mask")
+    return t
+
+
+def image_uint8(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+
+
+def image_sha256(image) -> str:
+    """Of the (H, W, 3) uint8 pixels: the hash the ComfyUI pack records for a concept image."""
+    return hashlib.sha256(image_uint8(image).numpy().tobytes()).hexdigest()
+
+
+def base_fingerprint(unet) -> str:
+    """The base U-Net's first and last convolution (LoRAs leave them alone), as the ComfyUI pack computes it."""
+    sd = unet.state_dict()
+    h = hashlib.sha256()
+    for key in ("input_blocks.0.0.weight", "out.2.weight"):
+        h.update(sd[key].detach().to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def text_encoder(sd_model, device):
+    """text_encode(prompts, words) for e4t.tune: the webui's CLIP, w at the marker, CLIP skip applied."""
+    from modules import sd_hijack
+    tokenizer, tm = host.text_model(sd_model)
+    marker = next((w for w in MARKERS if len(host.token_ids(sd_model, w)) == 1), None)
+    if marker is None:
+        raise E4TError("no one-token marker word in this CLIP vocabulary")
+    marker_id = host.token_ids(sd_model, marker)[0]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    n_layers = host.clip_layers(sd_model)
+
+    def encode(prompts, words):
+        rows = []
+        for text in prompts:
+            ids = [bos] + host.token_ids(sd_model, text)[:75] + [eos]
+            rows.append(ids + [eos] * (77 - len(ids)))         # SD1 pads with the end token, as the webui
+        ids = torch.tensor(rows, device=device)
+        position = (ids == marker_id).int().argmax(dim=1)
+        sd_hijack.model_hijack.fixes = None                    # no textual-inversion splice left over
+        return e4t.encode_with_word(tm, ids, words, position, n_layers)
+
+    return encode, marker
+
+
+def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cfg: e4t.TuneConfig,
+         overwrite: bool = False, progress=None, should_stop=None):
+    """Tune and save; returns (path of the saved concept, losses). Raises E4TError or e4t.Interrupted."""
+    from modules import devices, shared
+
+    sd_model = shared.sd_model
+    host.check_model(sd_model)
+    if host.low_vram(sd_model):
+        raise E4TError("tuning needs the whole U-Net on the GPU and does not run with --medvram or --lowvram; "
+                       "restart the webui without them to tune (sampling with a concept works with them)")
+    if image is None:
+        raise E4TError("upload the concept image first")
+    concept_name = (concept_name or "").strip().replace("\\", "/").strip("/")
+    if not concept_name or ".." in concept_name.split("/"):
+        raise E4TError("give the concept a name (letters, digits, - and _; sub-folders with /)")
+    out = os.path.join(store.folder(), concept_name + ".safetensors")
+    if os.path.exists(out) and not overwrite:
+        raise E4TError(f"{out} exists: choose another name or tick 'overwrite'")
+    path = store.path_of(weights_name, store.WEIGHTS)
+    weights = store.load(path, keep=1 if host.opt("e4t_keep_weights_loaded", True) else 0)
+    if weights.encoder.clip_vision.conv1.weight.is_meta:
+        raise E4TError(f"{weights_name} carries no ViT backbone (converted with --stock-backbone): convert the "
+                       f"published folder again without --stock-backbone to tune from it")
+    domain_word = (domain_word or weights.config.domain_word).strip()
+    token = host.single_token(sd_model, domain_word)
+
+    device = devices.device
+    unet = host.unet(sd_model)
+    pixels = image_tensor(image)
+    mask_t = mask_tensor(mask, image.size)
+    host.release_lora(sd_model)
+    encoder = weights.encoder.to(device, torch.float32 if device.type == "cpu" else devices.dtype)
+    try:
+        with torch.no_grad():
+            features = encoder.image_features(pixels[None].to(device))
+
+        def vae_encode(images):
+            x = images.to(device, devices.dtype_vae)
+            return sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x)).float()
+
+        text_encode, marker = text_encoder(sd_model, device)
+        half = devices.dtype_unet if device.type != "cpu" and devices.dtype_unet != torch.float32 else None
+        result = e4t.tune(unet, encoder, weights.offsets.to(device), pixels, text_encode=text_encode,
+                          vae_encode=vae_encode, e_domain=host.input_embedding(sd_model, token),
+                          empty_context=host.empty_context(sd_model), alphas_cumprod=sd_model.alphas_cumprod.float(),
+                          scale=weights.config.scale, placeholder=marker,
+                          cfg=replace(cfg, prediction=sd_model.parameterization), mask=mask_t, features=features,
+                          progress=progress, should_stop=should_stop, autocast_dtype=half)
+        config = e4t.DomainConfig.from_json(asdict(weights.config))
+        config.domain_word = domain_word
+        config.reg_lambda = cfg.reg_lambda
+        if not config.backbone_sha256:             # concepts carry the image tokens, not the ViT
+            config.backbone_sha256 = weights.config.backbone_sha256 = tensors_sha256(backbone_state(
+                encoder.state_dict()))
+        config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": base_fingerprint(unet),
+                          "base_model": getattr(sd_model.sd_checkpoint_info, "name_for_extra", ""),
+                          "source": weights_name, "masked": mask_t is not None, "host": "a1111",
+                          "tune": {**asdict(cfg), "templates": list(cfg.templates)},
+                          "losses": [round(x, 6) for x in result.losses]}
+        concept = e4t.E4TWeights(config=config, encoder=result.encoder, offsets=result.offsets,
+                                 unet_delta=result.unet_delta, concept_tokens=features.tokens,
+                                 concept_image=image_uint8(image))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        e4t.save(concept, out, dtype=host.opt("e4t_concept_dtype", "fp16"), include_backbone=False)
+        store.forget(out)
+        return out, result.losses
+    finally:
+        weights.encoder.to("cpu")
+        weights.offsets.to("cpu")
+        devices.torch_gc()

@@ -1,0 +1,197 @@
+"""Gradio parts (gradio 3.41, as A1111 1.10 ships): the E4T tab and the txt2img/img2img accordion."""
+import html
+import os
+
+import e4t
+
+from . import host, sampling, store, tuning
+
+# Starts the webui's progress bar for the tune (its requestProgress/randomId, as the TI train tab does).
+TUNE_JS = """
+function(...args) {
+    var id = randomId();
+    gradioApp().getElementById('e4t_tune_progress').innerHTML = '';
+    requestProgress(id, gradioApp().getElementById('e4t_tune_output'), gradioApp().getElementById('e4t_tune_plot'),
+        function() {}, function(progress) {
+            gradioApp().getElementById('e4t_tune_progress').innerHTML = progress.textinfo || '';
+        });
+    args[0] = id;
+    return args;
+}
+"""
+
+INFOTEXT = {"enabled": "E4T enabled", "concept": "E4T", "strength": "E4T strength", "t_stop": "E4T t_stop"}
+
+
+def _forge_tab():
+    import gradio as gr
+    with gr.Blocks(analytics_enabled=False) as block:
+        gr.Markdown(host.FORGE_MESSAGE)
+    return [(block, "E4T", "e4t")]
+
+
+def tab():
+    """on_ui_tabs: choose weights, one image (+ mask), domain word, steps, lr, λ, batch; Tune."""
+    import gradio as gr
+    from modules import call_queue, shared, ui_common
+
+    if host.is_forge():
+        return _forge_tab()
+    with gr.Blocks(analytics_enabled=False) as block:
+        with gr.Row(equal_height=False):
+            with gr.Column(variant="panel"):
+                with gr.Row():
+                    weights = gr.Dropdown(label="E4T weights", choices=store.names(store.WEIGHTS), elem_id="e4t_weights")
+                    ui_common.create_refresh_button(weights, lambda: None,
+                                                    lambda: {"choices": store.names(store.WEIGHTS)}, "e4t_weights_refresh")
+                with gr.Row():
+                    image = gr.Image(label="Concept image", type="pil", source="upload", elem_id="e4t_image")
+                    mask = gr.Image(label="Mask (optional; white = the concept)", type="pil", source="upload",
+                                    image_mode="L", elem_id="e4t_mask")
+                with gr.Row():
+                    domain = gr.Textbox(label="Domain word", placeholder="the weights' own (e.g. face)",
+                                        elem_id="e4t_domain")
+                    name = gr.Textbox(label="Concept name", placeholder="e.g. anna", elem_id="e4t_name")
+                with gr.Row():
+                    preset = gr.Dropdown(label="Preset", choices=list(e4t.PRESETS), value="published", elem_id="e4t_preset")
+                    steps = gr.Slider(1, 50, value=15, step=1, label="Steps", elem_id="e4t_steps")
+                    batch = gr.Slider(1, 32, value=16, step=1, label="Batch size", elem_id="e4t_batch")
+                with gr.Row():
+                    lr = gr.Number(value=1.6e-5, label="Learning rate", elem_id="e4t_lr")
+                    reg = gr.Number(value=1e-4, label="λ (regularisation)", elem_id="e4t_lambda")
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        resolution = gr.Slider(256, 1024, value=512, step=64, label="Resolution", elem_id="e4t_resolution")
+                        micro = gr.Slider(1, 16, value=1, step=1, label="Micro-batches per step (less VRAM)",
+                                          elem_id="e4t_accumulation")
+                    with gr.Row():
+                        trains = gr.Radio(["all", "attention"], value="all", label="U-Net weights trained",
+                                          elem_id="e4t_trains")
+                        seed = gr.Number(value=0, precision=0, label="Seed", elem_id="e4t_seed")
+                overwrite = gr.Checkbox(False, label="Overwrite a concept of the same name", elem_id="e4t_overwrite")
+                with gr.Row():
+                    interrupt = gr.Button("Interrupt", elem_id="e4t_interrupt")
+                    run = gr.Button("Tune", variant="primary", elem_id="e4t_tune")
+            with gr.Column(variant="panel"):
+                output = gr.Text(value="", show_label=False, elem_id="e4t_tune_output")
+                plot = gr.Image(label="Tuning loss", type="pil", interactive=False, elem_id="e4t_tune_plot")
+                gr.HTML(elem_id="e4t_tune_progress")
+                result = gr.HTML(elem_id="e4t_tune_result")
+        task_id = gr.Textbox(visible=False)
+
+        preset.change(fn=preset_values, inputs=[preset], outputs=[steps, lr, reg], show_progress=False)
+        weights.change(fn=domain_word_of, inputs=[weights], outputs=[domain], show_progress=False)
+        interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
+        run.click(fn=call_queue.wrap_gradio_gpu_call(run_tune, extra_outputs=[None, ""]), _js=TUNE_JS,
+                  inputs=[task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution,
+                          trains, micro, seed, overwrite],
+                  outputs=[plot, output, result])
+    return [(block, "E4T", "e4t")]
+
+
+def preset_values(name):
+    cfg = e4t.preset(name)
+    return cfg.steps, cfg.lr, cfg.reg_lambda
+
+
+def domain_word_of(name):
+    import gradio as gr
+    try:
+        return weights_config(name).domain_word
+    except Exception:
+        return gr.update()
+
+
+def weights_config(name) -> e4t.DomainConfig:
+    """The config of E4T weights, from the file header (no tensors read)."""
+    from e4t.checkpoint import read_header, read_published_config
+    path = store.path_of(name, store.WEIGHTS)
+    return read_published_config(path) if os.path.isdir(path) else e4t.DomainConfig.from_json(read_header(path))
+
+
+def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution, trains,
+             micro, seed, overwrite):
+    """The Tune button (inside wrap_gradio_gpu_call: the webui's queue lock, progress and interrupt)."""
+    from modules import shared
+    sampling.RUNTIME.stop()                          # nothing of a failed earlier job may stay on the U-Net
+    state = shared.state
+    cfg = e4t.preset(preset or "published", steps=int(steps), lr=float(lr), reg_lambda=float(reg),
+                     batch_size=int(batch), resolution=int(resolution), trains=trains, accumulation=int(micro),
+                     seed=int(seed))
+    state.job, state.job_count, state.job_no = "E4T tune", 1, 0
+    state.sampling_steps, state.sampling_step = cfg.steps, 0
+    state.textinfo = "E4T: encoding the concept image"
+
+    def progress(step, total, loss):
+        state.sampling_step = step
+        state.textinfo = f"E4T tune: step {step}/{total}, loss {loss:.4f}"
+
+    try:
+        path, losses = tuning.tune(weights, image, mask, domain, name, cfg, overwrite=bool(overwrite),
+                                   progress=progress, should_stop=lambda: state.interrupted)
+    except e4t.Interrupted as err:
+        return None, "", f"<p>{html.escape(str(err))}; no concept was saved.</p>"
+    plot = loss_plot(losses)
+    concept = os.path.relpath(path, store.folder())[: -len(".safetensors")].replace(os.sep, "/")
+    store.file_hash(path, concept)                  # into the webui's hash cache now, not at first use
+    return plot, "", (f"<p>Saved <b>{html.escape(concept)}</b> to {html.escape(path)} after {len(losses)} steps "
+                      f"(last loss {losses[-1]:.4f}).</p><p>In txt2img/img2img: open <i>E4T</i>, refresh, pick it, "
+                      f"and write <code>{html.escape(_placeholder(path))}</code> in the prompt.</p>")
+
+
+def _placeholder(path):
+    from e4t.checkpoint import read_header
+    return read_header(path).get("placeholder", "*s")
+
+
+def loss_plot(losses):
+    from PIL import Image
+    from e4t.plots import line_plot
+    img = line_plot(range(1, len(losses) + 1), losses, "E4T tuning loss", "step", "loss")
+    return Image.fromarray((img * 255).round().byte().numpy())
+
+
+def script_ui(script, is_img2img):
+    """The accordion of the always-on script; sets the script's infotext fields (paste, send-to)."""
+    import gradio as gr
+    from modules import ui_common
+
+    with gr.Accordion("E4T", open=False, elem_id=script.elem_id("e4t")):
+        if host.is_forge():
+            gr.Markdown(host.FORGE_MESSAGE)
+            return []
+        with gr.Row():
+            enabled = gr.Checkbox(False, label="Enable", elem_id=script.elem_id("e4t_enabled"))
+            concept = gr.Dropdown(label="Concept", choices=store.names(store.CONCEPT), elem_id=script.elem_id("e4t_concept"))
+            ui_common.create_refresh_button(concept, lambda: None, lambda: {"choices": store.names(store.CONCEPT)},
+                                            script.elem_id("e4t_concept_refresh"))
+        with gr.Row():
+            strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength (U-Net offsets and tuned weights)",
+                                 elem_id=script.elem_id("e4t_strength"))
+            t_stop = gr.Slider(0, 1000, value=0, step=1, label="t_stop (keep the embedding fixed below this timestep)",
+                               elem_id=script.elem_id("e4t_t_stop"))
+        gr.Markdown("Write the concept's placeholder (`*s` unless it was made otherwise) in the prompt. Its word "
+                    "embedding is predicted again at every sampling step.")
+    components = {"enabled": enabled, "concept": concept, "strength": strength, "t_stop": t_stop}
+    script.infotext_fields = [(components[k], INFOTEXT[k]) for k in INFOTEXT]
+    script.paste_field_names = list(INFOTEXT.values())
+    return list(components.values())
+
+
+def infotext_pasted(infotext, params):
+    """on_infotext_pasted: E4T on exactly when the pasted parameters name a concept; the concept
+    found locally by name, else by the hash recorded with it."""
+    params[INFOTEXT["enabled"]] = "E4T" in params
+    if "E4T" in params:
+        params["E4T"] = store.find(params["E4T"], params.get("E4T hash"))
+
+
+def settings():
+    """on_ui_settings: the E4T section of the webui's settings."""
+    import gradio as gr
+    from modules import shared
+    section = ("e4t", "E4T")
+    shared.opts.add_option("e4t_keep_weights_loaded", shared.OptionInfo(
+        True, "Keep the last E4T weights file in RAM between tunes", section=section))
+    shared.opts.add_option("e4t_concept_dtype", shared.OptionInfo(
+        "fp16", "Precision of saved concepts", gr.Radio, {"choices": ["fp16", "fp32"]}, section=section))

@@ -1,0 +1,49 @@
+"""E4T for Automatic1111 1.10: the E4T tab (tune a concept from one image) and the always-on E4T
+script of txt2img/img2img (per-step refinement of the placeholder, offsets as forward hooks).
+
+Thin entry: the engine is the host-free package `e4t`, the webui glue `e4t_a1111`, both at the
+extension root (the webui puts that root on sys.path only while it loads this file).
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from modules import script_callbacks, scripts  # noqa: E402
+
+import e4t  # noqa: E402,F401
+from e4t_a1111 import sampling, ui  # noqa: E402
+
+
+class E4TScript(scripts.Script):
+    def title(self):
+        return "E4T"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        return ui.script_ui(self, is_img2img)
+
+    def before_process(self, p, *args):
+        sampling.RUNTIME.stop()              # what a failed earlier job may have left
+
+    def process(self, p, enabled=False, concept=None, strength=1.0, t_stop=0, *args):
+        if enabled:
+            sampling.RUNTIME.start(p, concept, strength, t_stop)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        sampling.RUNTIME.begin_pass(p)
+
+    def postprocess(self, p, processed, *args):
+        sampling.RUNTIME.stop()
+
+
+script_callbacks.on_cfg_denoiser(sampling.RUNTIME.on_cfg_denoiser, name="e4t")
+script_callbacks.on_ui_tabs(ui.tab, name="e4t")
+script_callbacks.on_ui_settings(ui.settings, name="e4t")
+script_callbacks.on_infotext_pasted(ui.infotext_pasted, name="e4t")
+script_callbacks.on_model_loaded(sampling.RUNTIME.stop, name="e4t")
+script_callbacks.on_script_unloaded(sampling.RUNTIME.stop, name="e4t")
