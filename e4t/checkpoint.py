@@ -110,8 +110,7 @@ def build_encoder(cfg: EncoderConfig, state: dict) -> Encoder:
     """An Encoder holding exactly these tensors (built on the meta device: no random init, no copy).
     Without any `clip_vision.*` tensor the backbone stays on the meta device: such an encoder works
     only from cached image tokens (a saved concept)."""
-    with torch.device("meta"):
-        encoder = Encoder(cfg)
+    encoder = Encoder(cfg, device="meta")
     if not any(k.startswith("clip_vision.") for k in state):
         heads = nn.ModuleDict({k: v for k, v in encoder.named_children() if k != "clip_vision"})
         load_checked(heads, state, "encoder", assign=True)

@@ -6,6 +6,7 @@ layer-normed final CLS plus the *raw* final-layer patch tokens at odd indices (o
 behaviour, reproduced here by hand so any open_clip release gives the same numbers), and heads
 `unet_feature_embedder`, `feature_linear`, `first_linears[i]`, `final_linear`.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -87,15 +88,17 @@ class ImageFeatures:
 class Encoder(nn.Module):
     """E(image, U-Net maps) -> (b, word_dim). Attribute names are the published state-dict names."""
 
-    def __init__(self, cfg: EncoderConfig = EncoderConfig()):
+    def __init__(self, cfg: EncoderConfig = EncoderConfig(), device=None):
         super().__init__()
         d = cfg.vit_width
         self.cfg = cfg
-        self.clip_vision = build_backbone(cfg)
-        self.unet_feature_embedder = nn.Sequential(nn.Linear(cfg.unet_dim, d), nn.LeakyReLU(), nn.Linear(d, d))
-        self.feature_linear = nn.Linear(2 * d, d)
-        self.first_linears = nn.ModuleList(nn.Linear(d, d) for _ in range(cfg.n_tokens))
-        self.final_linear = nn.Linear(d, cfg.word_dim)
+        with torch.device(device) if device is not None else nullcontext():
+            self.clip_vision = build_backbone(cfg)
+        self.unet_feature_embedder = nn.Sequential(nn.Linear(cfg.unet_dim, d, device=device), nn.LeakyReLU(),
+                                                   nn.Linear(d, d, device=device))
+        self.feature_linear = nn.Linear(2 * d, d, device=device)
+        self.first_linears = nn.ModuleList(nn.Linear(d, d, device=device) for _ in range(cfg.n_tokens))
+        self.final_linear = nn.Linear(d, cfg.word_dim, device=device)
 
     def heads(self):
         """The trainable heads (everything but the ViT backbone)."""

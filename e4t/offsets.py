@@ -23,13 +23,13 @@ _TARGET = re.compile(r"(.*\.transformer_blocks\.\d+\.attn[12])\.to_([qkv])\.weig
 class Offset(nn.Module):
     """ΔW for one projection of weight shape (out, in)."""
 
-    def __init__(self, in_dim: int, out_dim: int, identity: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, identity: bool = True, device=None):
         super().__init__()
-        self.v = nn.Parameter(torch.ones(1))
-        self.linear1 = nn.Linear(1, in_dim)
-        self.linear2 = nn.Linear(1, out_dim)
-        self.linear_column = nn.Linear(in_dim, in_dim)
-        self.linear_row = nn.Linear(out_dim, out_dim)
+        self.v = nn.Parameter(torch.ones(1, device=device))
+        self.linear1 = nn.Linear(1, in_dim, device=device)
+        self.linear2 = nn.Linear(1, out_dim, device=device)
+        self.linear_column = nn.Linear(in_dim, in_dim, device=device)
+        self.linear_row = nn.Linear(out_dim, out_dim, device=device)
         if identity:  # ΔW = 0; the published init instead rescales every weight by about ±20 %
             nn.init.zeros_(self.linear_row.weight)
             nn.init.zeros_(self.linear_row.bias)
@@ -55,11 +55,12 @@ def _unslot(key: str):
 class Offsets(nn.Module):
     """All offsets of one U-Net, keyed by the CompVis name of the weight each one modulates."""
 
-    def __init__(self, shapes: dict, identity: bool = True):
+    def __init__(self, shapes: dict, identity: bool = True, device=None):
         """shapes: {target weight name: (out, in)}, e.g. from `targets(unet.state_dict())`."""
         super().__init__()
         self.targets = sorted(shapes)
-        self.offsets = nn.ModuleDict({_slot(k): Offset(shapes[k][1], shapes[k][0], identity) for k in self.targets})
+        self.offsets = nn.ModuleDict({_slot(k): Offset(shapes[k][1], shapes[k][0], identity, device)
+                                      for k in self.targets})
 
     def __getitem__(self, target: str) -> Offset:
         return self.offsets[_slot(target)]
@@ -158,8 +159,7 @@ def from_published(state_dict: dict, layers_per_block: int = 2) -> Offsets:
         if missing:
             raise KeyError(f"weight offsets for {target}: missing {', '.join(missing)}")
         shapes[target] = (params["linear2.weight"].shape[0], params["linear1.weight"].shape[0])
-    with torch.device("meta"):
-        offsets = Offsets(shapes)
+    offsets = Offsets(shapes, device="meta")   # no memory, no init: the file's tensors are assigned
     load_checked(offsets, {f"offsets.{_slot(t)}.{p}": v for t, ps in grouped.items() for p, v in ps.items()},
                  "weight offsets", names=lambda k: target_to_published(*_unslot(k), layers_per_block), assign=True)
     return offsets

@@ -100,7 +100,12 @@ def build_tiny_checkpoint(data, seed=0):
     cfg = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
                          projection_dim=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-    CLIPTextModel(cfg).save_pretrained(clip_dir)
+    clip = CLIPTextModel(cfg)
+    with torch.no_grad():        # LayerNorm biases of 0 make every token zero-mean: the webui's emphasis
+        for name, p in clip.named_parameters():     # renormalisation (mean / mean) would divide 0 by 0
+            if "layer_norm" in name and name.endswith("bias"):
+                p.normal_(0, 0.1)
+    clip.save_pretrained(clip_dir)
     ckpt = os.path.join(data, "tiny", "tiny-sd1.safetensors")
     with open(ckpt[:-len(".safetensors")] + ".yaml", "w") as f:
         f.write(TINY_YAML % clip_dir)
@@ -446,8 +451,8 @@ def test_hires_fix_second_pass_is_refined():
     ENV.probe.reset()
     seen, handles = ENV.probe.unet_inputs()
     try:
-        p, res = generate("a photo of *s", concept_args(), sampler="Euler", steps=2, enable_hr=True, hr_scale=2,
-                          hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.6,
+        p, res = generate("a photo of *s", concept_args(), sampler="Euler", steps=3, enable_hr=True, hr_scale=2,
+                          hr_upscaler="Latent", hr_second_pass_steps=6, denoising_strength=0.6,
                           hr_prompt="a portrait of *s AND a hat", hr_sampler_name="DDIM")
     finally:
         ENV.probe.active = False

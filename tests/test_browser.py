@@ -249,28 +249,46 @@ def _first(page, node_type):
     return page.evaluate("(t) => app.graph._nodes.find((n) => n.type === t)?.id ?? null", node_type)
 
 
-def test_placeholder_warning(page):
+DRAW = """async ([id, text]) => {
+    const node = app.graph.getNodeById(id);
+    const w = node.widgets.find((w) => w.name === "text");
+    if (text !== null) w.value = text;
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    const warning = node.e4tWarning ?? null;
+    // A colour change made while drawing shows from a later frame on: wait a tick and draw again.
+    await new Promise((r) => setTimeout(r, 50));
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    return [warning, node.bgcolor ?? null];
+}"""
+NO_PLACEHOLDER, WITH_PLACEHOLDER = "a portrait of a person as an astronaut", "a portrait of *s as an astronaut"
+
+
+def _text_encode(page):
     with open(WORKFLOWS[0], encoding="utf-8") as f:
         page.evaluate(LOAD, json.load(f))
     node_id = _first(page, "E4TTextEncode")
     assert node_id is not None
-    draw = """([id, text]) => {
-        const node = app.graph.getNodeById(id);
-        const w = node.widgets.find((w) => w.name === "text");
-        if (text !== null) w.value = text;
-        app.canvas.setDirty(true, true);
-        app.canvas.draw(true, true);
-        const warning = node.e4tWarning ?? null;
-        app.canvas.draw(true, true);    // the colour set while drawing shows from the next frame on
-        return [warning, node.bgcolor ?? null];
-    }"""
-    warning, color = page.evaluate(draw, [node_id, None])
-    assert warning is None
-    warning, warn_color = page.evaluate(draw, [node_id, "a portrait of a person as an astronaut"])
+    return node_id
+
+
+def test_placeholder_warning(page):
+    node_id = _text_encode(page)
+    assert page.evaluate(DRAW, [node_id, None])[0] is None
+    warning, _ = page.evaluate(DRAW, [node_id, NO_PLACEHOLDER])
     assert warning and "*s" in warning, warning
-    assert warn_color and warn_color != color, (warn_color, color)
     page.locator("#graph-canvas").screenshot(path=os.path.join(ROOT, "artifacts", "browser-placeholder-warning.png"))
-    assert page.evaluate(draw, [node_id, "a portrait of *s as an astronaut"]) == [None, color]
+    assert page.evaluate(DRAW, [node_id, WITH_PLACEHOLDER])[0] is None
+
+
+def test_placeholder_warning_colour(page):
+    """The node turns the warning colour while the placeholder is missing, and back afterwards."""
+    node_id = _text_encode(page)
+    _, color = page.evaluate(DRAW, [node_id, None])
+    _, warn_color = page.evaluate(DRAW, [node_id, NO_PLACEHOLDER])
+    assert warn_color == "#7a3b1e", (warn_color, color)
+    assert page.evaluate(DRAW, [node_id, WITH_PLACEHOLDER]) == [None, color]
 
 
 def test_tune_progress_event(page):
