@@ -74,6 +74,13 @@ class RefineState:
         return torch.cat([encode_tokens(self.clip, cond_stage_model, prompt.with_word(w)) for w in words]).to(device)
 
 
+def refine_state(model):
+    """The RefineState of a MODEL made by Apply E4T / E4T Personalize, or None."""
+    if hasattr(model, "get_attachment") and model.get_attachment(KEY) is not None:
+        return model.get_attachment(KEY)
+    return getattr(model, "e4t_state", None)
+
+
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     """Keyed CALC_COND_BATCH wrapper: new contexts for conditionings that carry an E4T prompt."""
     patcher = model.current_patcher
@@ -141,6 +148,7 @@ def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_v
 
     m = model.clone()
     add_e4t_patches(m, e4t.deltas(), e4t.weights.unet_delta, strength)
+    m.e4t_state = state   # for the plot node on hosts without attachments (the same MODEL object reaches it)
     if WrappersMP is not None:
         head = comfy.model_patcher.ModelPatcher(folded, load_device=m.load_device, offload_device=m.offload_device)
         m.set_attachments(KEY, state)

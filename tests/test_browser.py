@@ -45,8 +45,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _help(main_py):
-    """main.py's options, read from its cli_args source (main.py --help would import torch: seconds)."""
+def _cli_source(main_py):
+    """The host's option definitions (comfy/cli_args.py): reading them is faster than `main.py --help`."""
     path = os.path.join(os.path.dirname(main_py), "comfy", "cli_args.py")
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -76,7 +76,7 @@ def server(request):
     cmd = [sys.executable, main_py, "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--extra-model-paths-config", yaml_path, "--output-directory", os.path.join(tmp, "output"),
            "--input-directory", os.path.join(tmp, "input"), "--temp-directory", tmp]
-    options = _help(main_py)
+    options = _cli_source(main_py)
     if '"--disable-api-nodes"' in options:
         cmd.append("--disable-api-nodes")
     if '"--database-url"' in options:

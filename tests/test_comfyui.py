@@ -157,3 +157,11 @@ def test_text_without_placeholder_warns(host):
     ok = nodes.NODE_CLASS_MAPPINGS["E4TTextEncode"]().encode(clip, "a (photo:1.2) of *s and *s", "*s")
     prompt = ok["result"][0][0][1]["e4t"]
     assert len(prompt.slots) == 2 and not ok["ui"]["e4t_warning"]
+
+
+def test_embedding_plot_after_sampling(host):
+    g = graph(key="plotted")
+    g["eplot"] = {"class_type": "E4TEmbeddingPlot", "inputs": {"model": ["apply", 0], "samples": ["ks", 0]}}
+    g["eplot_cap"] = {"class_type": "TestCapture", "inputs": {"images": ["eplot", 0], "key": "eplot"}}
+    host.run(g)
+    assert CAPTURED["eplot"].dim() == 4 and CAPTURED["eplot"].shape[-1] == 3 and CAPTURED["eplot"].std() > 0
