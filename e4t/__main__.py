@@ -1,4 +1,4 @@
-"""Command line: `python -m e4t convert <published_dir> <out.safetensors>`."""
+"""Command line: `python -m e4t convert|eval ...` (see --help of each)."""
 import argparse
 import sys
 
@@ -17,14 +17,33 @@ def main(argv=None):
                       help="stock ViT file (open_clip or CLIP-vision layout); the backbone is left out of the "
                            "output only if every tensor equals this file's, else conversion is refused")
     conv.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    ev = sub.add_parser("eval", help="prompt adherence vs identity of generated images (CSV + scatter plot)",
+                        description="Scores each generated image: CLIP similarity to its prompt without the placeholder, "
+                                    "and identity similarity to the concept image(s). Nothing is downloaded.")
+    ev.add_argument("images", help="folder of generated images (png/jpg/webp)")
+    ev.add_argument("--concept", action="append", required=True, help="concept image (repeat for several)")
+    ev.add_argument("--clip", required=True, help="open_clip model name (e.g. ViT-H-14) or a JSON model config")
+    ev.add_argument("--clip-weights", required=True, help="local weights file for that model")
+    ev.add_argument("--prompts", help="CSV with columns image,prompt (else read from the images' metadata)")
+    ev.add_argument("--placeholder", default="*s")
+    ev.add_argument("--domain-word", default="", help="put this word where the placeholder was (default: drop it)")
+    ev.add_argument("--face-model", help="TorchScript face-recognition model (112x112 input) for identity")
+    ev.add_argument("--out", default="e4t_eval.csv")
+    ev.add_argument("--plot", default="e4t_eval.png")
     args = parser.parse_args(argv)
     try:
-        weights = convert(args.published_dir, args.out, args.stock_backbone, args.dtype)
-    except (E4TFileError, KeyError, ValueError) as err:
+        if args.command == "convert":
+            weights = convert(args.published_dir, args.out, args.stock_backbone, args.dtype)
+            print(f"wrote {args.out}: domain '{weights.config.domain_word}', {len(weights.offsets.targets)} offsets, "
+                  f"backbone {'included' if args.stock_backbone is None else 'from ' + args.stock_backbone}")
+        elif args.command == "eval":
+            from .evaluate import run
+            rows = run(args.images, args.concept, args.clip, args.clip_weights, args.out, args.plot, args.prompts,
+                       args.placeholder, args.domain_word, args.face_model)
+            print(f"wrote {args.out} ({len(rows)} images) and {args.plot}")
+    except (E4TFileError, KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: domain '{weights.config.domain_word}', {len(weights.offsets.targets)} offsets, "
-          f"backbone {'included' if args.stock_backbone is None else 'from ' + args.stock_backbone}")
     return 0
 
 

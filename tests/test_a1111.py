@@ -1,0 +1,110 @@
+"""The A1111 extension inside a real Automatic1111 v1.10 checkout: set A1111_PATH to run (skipped otherwise).
+
+The webui needs its own Python (3.10) and torch, so the cases run in `tests/a1111_harness.py` under
+the webui's Python, headless on CPU with tiny random models built from the webui's own classes:
+    A1111_PATH     the webui tree (with repositories/ in place)
+    A1111_PYTHON   its Python (default: $A1111_PATH/../venva1111/bin/python, else $A1111_PATH/venv/bin/python)
+    A1111_HF_HOME  HF_HOME holding the CLIP tokenizer (default: $HF_HOME, else $A1111_PATH/../a1111-hf;
+                   `shared/tools/make_clip_cache.py` builds an offline one)
+Each harness run uses a fresh data folder (--data-dir) with the extension linked into its extensions/.
+"""
+import json
+import os
+import subprocess
+
+import pytest
+
+A1111 = os.environ.get("A1111_PATH")
+pytestmark = pytest.mark.skipif(not A1111, reason="set A1111_PATH to an A1111 v1.10 checkout to run the webui tests")
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "a1111_harness.py")
+
+
+def webui_python():
+    if os.environ.get("A1111_PYTHON"):
+        return os.environ["A1111_PYTHON"]
+    for candidate in (os.path.join(A1111, "..", "venva1111", "bin", "python"), os.path.join(A1111, "venv", "bin", "python")):
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    pytest.fail(f"no Python for the webui at {A1111}: set A1111_PYTHON")
+
+
+def run_harness(mode, data):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    hf_home = os.environ.get("A1111_HF_HOME") or os.environ.get("HF_HOME") or os.path.join(A1111, "..", "a1111-hf")
+    env["HF_HOME"] = os.path.abspath(hf_home)
+    proc = subprocess.run([webui_python(), HARNESS, "--webui", os.path.abspath(A1111), "--data", str(data),
+                           "--mode", mode], capture_output=True, text=True, timeout=1800, env=env)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("E4T-RESULT "):
+            r = json.loads(line[len("E4T-RESULT "):])
+            results[r["case"]] = r
+    return proc, results
+
+
+def details(run, name):
+    proc, results = run
+    if name not in results:
+        pytest.fail(f"the harness did not report {name} (exit code {proc.returncode}); output tail:\n"
+                    f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    r = results[name]
+    assert r["ok"], f"{r['error']}\n{r['traceback']}"
+    return r["details"]
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    return run_harness("normal", tmp_path_factory.mktemp("a1111-data"))
+
+
+@pytest.fixture(scope="module", params=["medvram", "lowvram"])
+def webui_low_vram(request, tmp_path_factory):
+    return run_harness(request.param, tmp_path_factory.mktemp(f"a1111-{request.param}"))
+
+
+def test_extension_is_discovered(webui):
+    assert "e4t" in details(webui, "test_extension_is_discovered")["extensions"]
+
+
+def test_conditioning_swapped_every_step_euler(webui):
+    d = details(webui, "test_conditioning_swapped_every_step_euler")
+    assert d["denoiser"] == "CFGDenoiserKDiffusion" and d["calls"] == 3
+
+
+def test_conditioning_swapped_every_step_ddim(webui):
+    d = details(webui, "test_conditioning_swapped_every_step_ddim")
+    assert d["denoiser"] == "CFGDenoiserTimesteps" and d["calls"] >= 2
+
+
+def test_hires_fix_second_pass_is_refined(webui):
+    d = details(webui, "test_hires_fix_second_pass_is_refined")
+    assert d["first"] >= 2 and d["hires"] >= 2
+
+
+def test_img2img_is_refined(webui):
+    details(webui, "test_img2img_is_refined")
+
+
+def test_reencoding_matches_webui_prompt_path(webui):
+    details(webui, "test_reencoding_matches_webui_prompt_path")
+
+
+def test_offsets_stack_with_lora_and_are_removed(webui):
+    details(webui, "test_offsets_stack_with_lora_and_are_removed")
+
+
+def test_failed_setup_fails_the_job_with_a_clear_message(webui):
+    details(webui, "test_failed_setup_fails_the_job_with_a_clear_message")
+
+
+def test_tune_inside_webui_saves_a_concept(webui):
+    details(webui, "test_tune_inside_webui_saves_a_concept")
+
+
+def test_tab_and_script_ui_build_and_infotext_restores(webui):
+    details(webui, "test_tab_and_script_ui_build_and_infotext_restores")
+
+
+def test_low_vram_sampling_works_and_tuning_refuses(webui_low_vram):
+    details(webui_low_vram, "test_extension_is_discovered")
+    assert "--medvram" in details(webui_low_vram, "test_low_vram_sampling_works_and_tuning_refuses")["refusal"]
