@@ -180,6 +180,8 @@ class Session:
                 params.text_uncond.shape[0] != prompts.images:
             raise E4TError(f"unexpected conditioning layout ({tuple(getattr(cond, 'shape', ()))} for "
                            f"{len(prompts.rows)} prompt rows): another extension may have changed it")
+        if not prompts.refined:                             # no placeholder in this pass: weights only
+            return
         n = prompts.images
         x, t = model_input(params.denoiser, params.x[-n:], params.sigma[-n:])
         t = t.to(devices.dtype_unet).float()                # the precision the U-Net call gets
@@ -187,8 +189,6 @@ class Session:
             host.unet_on_device(self.sd_model)
             words = self.refinement(self.unet, x, t, devices.dtype_unet)      # (n, d)
         self.calls += 1
-        if not prompts.refined:
-            return
         if words is not self._cache.get("words"):
             self._cache = {"words": words}
         step = params.denoiser.step

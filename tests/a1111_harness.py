@@ -714,7 +714,7 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), args.mode)
-    print(f"E4T-HARNESS webui ready in {time.time() - t0:.1f}s", flush=True)
+    print(f"\nE4T-HARNESS webui ready in {time.time() - t0:.1f}s", flush=True)
     for name, (fn, modes) in CASES.items():
         if args.mode not in modes or (args.only and name not in args.only):
             continue
@@ -726,7 +726,7 @@ def main():
             result = {"case": name, "ok": False, "error": f"{type(err).__name__}: {err}",
                       "traceback": traceback.format_exc()}
         result["seconds"] = round(time.time() - t, 1)
-        print("E4T-RESULT " + json.dumps(result, default=str), flush=True)
+        print("\nE4T-RESULT " + json.dumps(result, default=str), flush=True)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def run_harness(mode, data):
                            "--mode", mode], capture_output=True, text=True, timeout=1800, env=env)
     results = {}
     for line in proc.stdout.splitlines():
-        if line.startswith("E4T-RESULT "):
-            r = json.loads(line[len("E4T-RESULT "):])
+        if "E4T-RESULT " in line:                 # progress bars may share the line
+            r = json.loads(line.split("E4T-RESULT ", 1)[1])
             results[r["case"]] = r
     return proc, results
 

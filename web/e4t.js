@@ -20,7 +20,7 @@ function drawLine(node, ctx, text, color) {
   ctx.save();
   ctx.font = "12px sans-serif";
   ctx.fillStyle = color;
-  ctx.fillText(text, 10, node.size[1] - 8);
+  ctx.fillText(text, 10, node.size[1] + 16);   // just below the node: the last widget covers its bottom
   ctx.restore();
 }
 
@@ -28,7 +28,7 @@ app.registerExtension({
   name: "e4t.ui",
   async setup() {
     api.addEventListener("e4t.tune", ({ detail }) => {
-      const node = app.graph?.getNodeById(Number(detail.node));
+      const node = app.graph?.getNodeById(detail.node);   // ids are numbers (2024) or strings (current)
       if (!node) return;
       node.e4tStatus = `E4T step ${detail.step}/${detail.total} · loss ${Number(detail.loss).toFixed(4)}`;
       node.setDirtyCanvas(true, true);
@@ -47,8 +47,12 @@ app.registerExtension({
         const missing = placeholderMissing(this);
         this.e4tWarning = missing ? `no "${widgetValue(this, "placeholder", "*s")}" in the text: E4T will not change it` : null;
         if (missing !== this.e4tWasMissing) {
-          this.bgcolor = missing ? WARN : this.e4tOriginalColor;
           this.e4tWasMissing = missing;
+          // The 2024 front end puts node.bgcolor back after each drawNode: change it after this frame.
+          queueMicrotask(() => {
+            this.bgcolor = missing ? WARN : this.e4tOriginalColor;
+            this.setDirtyCanvas?.(true, true);
+          });
         }
         if (missing && !this.flags?.collapsed) drawLine(this, ctx, "⚠ " + this.e4tWarning, "#ffb36b");
       };

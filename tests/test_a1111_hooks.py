@@ -1,0 +1,118 @@
+"""The A1111 extension's forward hooks (e4t_a1111/hooks.py, pure torch) on a tiny CompVis-layout U-Net.
+
+No webui needed: the hooks must compute exactly W' = (W + sD)(1 + sΔW) on the weight as the module
+holds it at call time (what the built-in Lora extension leaves there), and leave no trace when removed.
+"""
+import copy
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_hooks():
+    if "e4t_a1111" not in sys.modules:      # by path, like conftest loads e4t: the root stays off sys.path
+        spec = importlib.util.spec_from_file_location("e4t_a1111", os.path.join(ROOT, "e4t_a1111", "__init__.py"),
+                                                      submodule_search_locations=[os.path.join(ROOT, "e4t_a1111")])
+        sys.modules["e4t_a1111"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["e4t_a1111"])
+    from e4t_a1111 import hooks
+    return hooks
+
+
+def concept(unet, seed=0):
+    """Offsets on every q/k/v and a tuned delta on every U-Net parameter (conv, linear, norms, biases)."""
+    import e4t
+    g = torch.Generator().manual_seed(seed)
+    offsets = {k: torch.randn(shape, generator=g) * 0.2 for k, shape in e4t.targets(unet.state_dict()).items()}
+    delta = {n: torch.randn(p.shape, generator=g) * 0.02 for n, p in unet.named_parameters()}
+    return offsets, delta
+
+
+def merged(unet, offsets, delta, s):
+    """A copy of the U-Net with W' = (W + sD)(1 + sΔW) written into its weights."""
+    import e4t
+    m = copy.deepcopy(unet)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            w = p.float() + s * delta[name] if name in delta else p.float()
+            if name in offsets:
+                w = e4t.merge(w, offsets[name], s)
+            p.copy_(w)
+    return m
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([900.0, 250.0]), torch.randn(2, 77, 32, generator=g)
+
+
+def test_hooks_compute_merged_weights(unet):
+    hooks = load_hooks()
+    offsets, delta = concept(unet)
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        expected = merged(unet, offsets, delta, 0.7)(x, t, ctx)
+        h = hooks.WeightHooks(unet, offsets, delta, 0.7).apply()
+        got = unet(x, t, ctx)
+        h.remove()
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert err < 1e-4, f"hooked U-Net differs from the merged-weight U-Net by {err:.2e} (relative)"
+
+
+def test_hooks_follow_the_weight_as_held_at_call_time(unet):
+    """A weight edited in place (as Lora does) is the W that the offsets multiply."""
+    hooks = load_hooks()
+    offsets, delta = concept(unet)
+    key = next(iter(offsets))
+    module = unet.get_submodule(key.rpartition(".")[0])
+    x = torch.randn(3, module.in_features)
+    with torch.inference_mode():                # the tiny U-Net's tensors are inference tensors
+        lora = torch.randn_like(module.weight) * 0.1
+        original = module.weight.clone()
+        module.weight.add_(lora)
+        h = hooks.WeightHooks(unet, {key: offsets[key]}, {key: delta[key]}, 1.0).apply()
+        got = module(x)
+        h.remove()
+        module.weight.copy_(original)
+    want = torch.nn.functional.linear(x, (original + lora + delta[key]) * (1 + offsets[key]))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+
+
+def test_removed_hooks_leave_the_unet_bit_identical(unet):
+    hooks = load_hooks()
+    offsets, delta = concept(unet)
+    x, t, ctx = inputs()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    n_hooks = sum(len(m._forward_hooks) for m in unet.modules())
+    with torch.no_grad():
+        plain = unet(x, t, ctx)
+        h = hooks.WeightHooks(unet, offsets, delta, 1.0).apply()
+        changed = unet(x, t, ctx)
+        h.remove()
+        again = unet(x, t, ctx)
+    assert not torch.equal(plain, changed), "the hooks changed nothing"
+    assert torch.equal(plain, again), "output not identical after removing the hooks"
+    assert sum(len(m._forward_hooks) for m in unet.modules()) == n_hooks, "hooks left behind"
+    after = unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a U-Net tensor was written"
+
+
+def test_strength_zero_registers_nothing(unet):
+    hooks = load_hooks()
+    offsets, delta = concept(unet)
+    assert not hooks.WeightHooks(unet, offsets, delta, 0.0).apply().active
+
+
+@pytest.mark.parametrize("bad", ["shape", "name"])
+def test_mismatched_weights_are_a_clear_error(unet, bad):
+    hooks = load_hooks()
+    offsets, _ = concept(unet)
+    key = next(iter(offsets))
+    wrong = {key: torch.zeros(3, 3)} if bad == "shape" else {"input_blocks.99.1.proj_in.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="SD1.x"):
+        hooks.WeightHooks(unet, {}, wrong, 1.0)
