@@ -27,10 +27,11 @@ log = logging.getLogger("e4t")
 
 
 class Concept:
-    """What sampling needs from a concept file, derived once per file version (CPU)."""
+    """What sampling needs from a concept file, derived once per file version (CPU). The encoder's
+    129 head matrices are folded into one and then dropped; the tuned U-Net delta is kept."""
 
     def __init__(self, name: str, path: str):
-        weights = store.load(path, keep=1)
+        weights = e4t.load(path)
         if weights.concept_tokens is None:
             raise E4TError(f"{name!r} is not a personalised concept")
         self.name, self.path, self.config = name, path, weights.config
@@ -52,7 +53,7 @@ _concepts = {}
 
 def concept(name: str) -> Concept:
     path = store.path_of(name, store.CONCEPT)
-    key = (path, store._mtime(path))
+    key = (path, store.mtime(path))
     if key not in _concepts:
         _concepts.clear()                     # one concept's derived tensors in RAM at a time
         _concepts[key] = Concept(name, path)
@@ -79,7 +80,6 @@ class PassPrompts:
         from modules import prompt_parser, shared
         self.sd_prompts = prompt_parser.SdConditioning(prompts, width=width, height=height)
         res_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(self.sd_prompts)
-        self.flat = flat
         self.schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
             flat, steps, hires_steps, shared.opts.use_old_scheduling)
         self.rows = [(image, index) for image, indexes in enumerate(res_indexes) for index, _ in indexes]

@@ -5,7 +5,6 @@ A name is the path below the folder without `.safetensors` (`faces/anna`). A fil
 with `encoder.pt`) is E4T weights that can be tuned. Loaded files are cached by path and mtime.
 """
 import os
-from collections import OrderedDict
 
 import e4t
 from e4t.checkpoint import read_header
@@ -14,7 +13,7 @@ from .host import E4TError
 
 CONCEPT, WEIGHTS = "concept", "weights"
 _kinds = {}                      # (path, mtime) -> kind or None
-_loaded = {}                     # kind -> OrderedDict((path, mtime) -> E4TWeights), most recent last
+_loaded = {}                     # (path, mtime) -> E4TWeights: the last E4T weights tuned from
 
 
 def folder() -> str:
@@ -22,13 +21,13 @@ def folder() -> str:
     return getattr(shared.cmd_opts, "e4t_dir", None) or os.path.join(paths_internal.models_path, "e4t")
 
 
-def _mtime(path):
+def mtime(path):
     return os.path.getmtime(os.path.join(path, "encoder.pt") if os.path.isdir(path) else path)
 
 
 def kind(path: str):
     """CONCEPT, WEIGHTS, or None for a file that is not ours (read from the header only)."""
-    key = (path, _mtime(path))
+    key = (path, mtime(path))
     if key not in _kinds:
         if os.path.isdir(path):
             _kinds[key] = WEIGHTS
@@ -80,20 +79,19 @@ def path_of(name: str, wanted: str) -> str:
     return path
 
 
-def load(path: str, keep: int = 1) -> e4t.E4TWeights:
-    """e4t.load with a small cache: the `keep` most recently used files of this kind stay in RAM."""
-    cache, key = _loaded.setdefault(kind(path), OrderedDict()), (path, _mtime(path))
-    weights = cache.pop(key, None) or e4t.load(path)
-    cache[key] = weights
-    while len(cache) > max(keep, 0):
-        cache.popitem(last=False)
+def load(path: str, keep: bool = True) -> e4t.E4TWeights:
+    """e4t.load; with `keep`, the last file loaded stays in RAM for the next tune."""
+    key = (path, mtime(path))
+    weights = _loaded.get(key) or e4t.load(path)
+    _loaded.clear()
+    if keep:
+        _loaded[key] = weights
     return weights
 
 
 def forget(path: str):
-    for cache in _loaded.values():
-        for key in [k for k in cache if k[0] == path]:
-            del cache[key]
+    for key in [k for k in _loaded if k[0] == path]:
+        del _loaded[key]
 
 
 def file_hash(path: str, name: str) -> str:

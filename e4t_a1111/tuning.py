@@ -103,7 +103,7 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     if os.path.exists(out) and not overwrite:
         raise E4TError(f"{out} exists: choose another name or tick 'overwrite'")
     path = store.path_of(weights_name, store.WEIGHTS)
-    weights = store.load(path, keep=1 if host.opt("e4t_keep_weights_loaded", True) else 0)
+    weights = store.load(path, keep=host.opt("e4t_keep_weights_loaded", True))
     if weights.encoder.clip_vision.conv1.weight.is_meta:
         raise E4TError(f"{weights_name} carries no ViT backbone (converted with --stock-backbone): convert the "
                        f"published folder again without --stock-backbone to tune from it")
