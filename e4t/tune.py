@@ -8,19 +8,15 @@ exactly as it was.
 """
 import copy
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .encoder import Encoder, ImageFeatures
-from .losses import diffusion_loss, noisy, placeholder_word, regularizer, target
-from .offsets import Offsets, merge
-from .refinement import unet_dtype, unet_features
+from .offsets import Offsets
+from .training import Objective, trainable_weights
 
 TEMPLATES = {
     "published": ("a photo of {}",),
@@ -96,35 +92,13 @@ def augment(image, mask, resolution: int, generator: torch.Generator):
     return stack[:3], (None if mask is None else stack[3])
 
 
-@contextmanager
-def substituted(module: nn.Module, tensors: dict):
-    """Module parameters replaced by the given tensors (keys are parameter names) until the block ends,
-    forward and backward alike (gradient checkpointing recomputes inside backward); then put back."""
-    saved = []
-    try:
-        for name, tensor in tensors.items():
-            owner, _, attr = name.rpartition(".")
-            sub = module.get_submodule(owner)
-            saved.append((sub, attr, sub._parameters.pop(attr)))
-            setattr(sub, attr, tensor)
-        yield module
-    finally:
-        for sub, attr, param in reversed(saved):
-            delattr(sub, attr)
-            sub._parameters[attr] = param
-
-
-@contextmanager
-def checkpointed(unet: nn.Module, enabled: bool):
-    """Gradient checkpointing per U-Net block: activations are recomputed in backward (low-VRAM mode)."""
-    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks) if enabled else []
-    try:
-        for block in blocks:
-            block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
+def trainable_heads(encoder: Encoder) -> Encoder:
+    """A copy of the encoder with fp32 trainable heads; the frozen ViT backbone is shared, not copied."""
+    enc = copy.deepcopy(encoder, memo={id(encoder.clip_vision): encoder.clip_vision})
+    for p in enc.heads():
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return enc
 
 
 def _trained_names(unet: nn.Module, trains: str):
@@ -186,58 +160,30 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     features = ImageFeatures(tokens=features.tokens.detach().clone())
 
     # Trainable copies: heads, offsets, chosen U-Net weights (fp32 masters); the host's stay untouched.
-    enc = copy.deepcopy(encoder, memo={id(encoder.clip_vision): encoder.clip_vision})
-    for p in enc.heads():
-        p.data = p.data.float()
-        p.requires_grad_(True)
+    enc = trainable_heads(encoder)
     offs = copy.deepcopy(offsets).float().requires_grad_(True).train()
     base = {n: p.detach() for n, p in unet.named_parameters()}
     trained = set(_trained_names(unet, cfg.trains))
-    weights = {n: (p.clone().float().requires_grad_() if n in trained else (p.clone() if p.is_inference() else p))
-               for n, p in base.items()}
+    weights = trainable_weights(unet, trained)
     params = enc.heads() + list(offs.parameters()) + [weights[n] for n in sorted(trained)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    dtype = unet_dtype(unet)
-    e_dom = e_domain.detach().to(device, torch.float32).clone()
-    empty = empty_context.detach().to(device).clone()
     acp = alphas_cumprod.to(device, torch.float32)
-    micro = cfg.batch_size // cfg.accumulation
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    objective = Objective(unet, enc, offs, weights, text_encode, e_domain.detach().to(device, torch.float32).clone(),
+                          empty_context.detach().to(device).clone(), acp, scale, cfg.prediction, cfg.regularizer,
+                          cfg.reg_lambda, cfg.checkpointing, autocast_dtype)
 
     losses = []
     for step in range(cfg.steps):
         if should_stop is not None and should_stop():
             raise Interrupted(f"tuning stopped before step {step + 1} of {cfg.steps}; nothing was changed")
         opt.zero_grad(set_to_none=True)
-        # ΔW once per step: merged weights become leaves; their gradient flows back to offsets once.
-        merged = {k: merge(weights[k], d) for k, d in offs.deltas().items()}
-        leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
-        swap = weights | leaves
         # The step's randomness is drawn for the whole batch, so accumulation sees the same batch.
         pick = torch.randint(0, n_crops, (cfg.batch_size,), generator=generator)
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=generator).to(device)
         t = torch.randint(0, len(acp), (cfg.batch_size,), generator=generator).to(device)
         prompts = [rng.choice(cfg.templates).format(placeholder) for _ in range(cfg.batch_size)]
-        total = 0.0
-        for mb in torch.arange(cfg.batch_size).split(micro):
-            x0, eps, tt = latents[pick[mb]], noise[mb], t[mb]
-            xt = noisy(x0, eps, acp[tt])
-            with substituted(unet, swap), checkpointed(unet, cfg.checkpointing):
-                with autocast:
-                    e = enc(features, unet_features(unet, xt, tt, empty, dtype))
-                    w = placeholder_word(e_dom, e.float(), scale)
-                    context = text_encode([prompts[i] for i in mb], w).to(dtype)   # a host may run CLIP in fp16
-                    pred = unet(xt, timesteps=tt, context=context)
-                loss = diffusion_loss(pred, target(cfg.prediction, x0, eps, acp[tt]),
-                                      None if masks is None else masks[pick[mb]])
-                # Accumulation keeps the full-batch loss: the diffusion term is a mean, the published
-                # regulariser a sum over the batch, the paper's a mean.
-                reg_share = 1.0 if cfg.regularizer == "published" else 1 / cfg.accumulation
-                loss = loss / cfg.accumulation + reg_share * cfg.reg_lambda * regularizer(cfg.regularizer, w, e)
-                loss.backward()
-            total += float(loss.detach())
-        grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in merged]
-        torch.autograd.backward(list(merged.values()), grads)
+        total = objective.backward(features.tokens, latents[pick], noise, t, prompts,
+                                   None if masks is None else masks[pick], cfg.accumulation)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         losses.append(total)

@@ -5,7 +5,6 @@ that does not occur elsewhere in the prompt; that slot later receives the word v
 ComfyUI's own encoder splices in (emphasis, CLIP skip and long prompts keep working).
 """
 import collections
-import copy
 
 import torch
 

@@ -79,7 +79,7 @@ def test_gradients_reach_heads_offsets_and_unet_and_vae_runs_once(model, clip, v
 
 def _fixed_loss(unet, result_or_none, offsets, encoder, image, kw, seed=123):  # noqa: C901
     """Loss on one fixed batch with the (tuned) weights W = (W0 + D)(1 + ΔW), computed independently."""
-    from e4t.tune import substituted
+    from e4t.training import substituted
     g = torch.Generator().manual_seed(seed)
     enc, offs = (encoder, offsets) if result_or_none is None else (result_or_none.encoder, result_or_none.offsets)
     delta = {} if result_or_none is None else result_or_none.unet_delta
