@@ -139,6 +139,15 @@ class Placeholder:
                 self.db.register_embedding(self.previous, self.sd_model)
 
 
+def base_fingerprint(unet) -> str:
+    """The base U-Net's first and last convolution (LoRAs leave them alone), as the ComfyUI pack computes it."""
+    import hashlib
+    h = hashlib.sha256()
+    for module in (unet.input_blocks[0][0], unet.out[2]):
+        h.update(module.weight.detach().to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def clear_cond_caches(p):
     """Forget the webui's cached prompt conditionings (keyed by prompt text, not by embedding values)."""
     for attr in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):

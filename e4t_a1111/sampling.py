@@ -243,6 +243,9 @@ class Runtime:
         try:
             self.session = Session(p, concept_name, strength, t_stop)
             p.extra_generation_params.update(self.session.infotext())
+            fingerprint = self.session.concept.config.concept.get("base_fingerprint")
+            if fingerprint and fingerprint != host.base_fingerprint(self.session.unet):
+                p.comment(f"E4T: {concept_name} was tuned on another base checkpoint; its U-Net changes may not fit")
             prompts = list(p.all_prompts or []) + list(getattr(p, "all_hr_prompts", None) or [])
             if not any(self.session.placeholder_text in text for text in prompts):
                 p.comment(f"E4T: no prompt contains the placeholder {self.session.placeholder_text}; "

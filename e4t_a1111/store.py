@@ -1,8 +1,8 @@
 """The E4T folder (`--e4t-dir`, default `<webui models>/e4t`): E4T weights to tune from, concepts to sample with.
 
 A name is the path below the folder without `.safetensors` (`faces/anna`). A file holding
-`concept.tokens` is a personalised concept; one holding the encoder's ViT (or a published folder
-with `encoder.pt`) is E4T weights that can be tuned. Loaded files are cached by path and mtime.
+`concept.tokens` is a personalised concept; any other E4T file, or a published folder with
+`encoder.pt`, is E4T weights to tune from. File kinds are read from headers and cached by mtime.
 """
 import os
 
@@ -87,11 +87,6 @@ def load(path: str, keep: bool = True) -> e4t.E4TWeights:
     if keep:
         _loaded[key] = weights
     return weights
-
-
-def forget(path: str):
-    for key in [k for k in _loaded if k[0] == path]:
-        del _loaded[key]
 
 
 def file_hash(path: str, name: str) -> str:

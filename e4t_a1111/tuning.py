@@ -1,6 +1,6 @@
 """The E4T tab's tune: one image -> a personalised concept file, with the webui's loaded SD1 model.
 
-The engine's `e4t.tune` trains copies (heads, offsets, U-Net weights through functional_call), so
+The engine's `e4t.tune` trains copies (heads, offsets, U-Net weights substituted for each step), so
 the webui's model is never changed. This module supplies what it needs from the webui: the U-Net,
 a differentiable text encoder with the word at a one-token marker (the webui's own CLIP, CLIP skip
 as set), the VAE encoder the user selected, the noise schedule; and it saves the result in the
@@ -9,6 +9,7 @@ format the ComfyUI pack reads (`e4t.save`, concept tokens and image, tuned U-Net
 """
 import hashlib
 import os
+import re
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -51,15 +52,6 @@ def image_sha256(image) -> str:
     return hashlib.sha256(image_uint8(image).numpy().tobytes()).hexdigest()
 
 
-def base_fingerprint(unet) -> str:
-    """The base U-Net's first and last convolution (LoRAs leave them alone), as the ComfyUI pack computes it."""
-    sd = unet.state_dict()
-    h = hashlib.sha256()
-    for key in ("input_blocks.0.0.weight", "out.2.weight"):
-        h.update(sd[key].detach().to("cpu", torch.float16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def text_encoder(sd_model, device):
     """text_encode(prompts, words) for e4t.tune: the webui's CLIP, w at the marker, CLIP skip applied."""
     from modules import sd_hijack
@@ -97,8 +89,9 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     if image is None:
         raise E4TError("upload the concept image first")
     concept_name = (concept_name or "").strip().replace("\\", "/").strip("/")
-    if not concept_name or ".." in concept_name.split("/"):
-        raise E4TError("give the concept a name (letters, digits, - and _; sub-folders with /)")
+    if not re.fullmatch(r"[\w\- .]+(/[\w\- .]+)*", concept_name) or ".." in concept_name.split("/"):
+        raise E4TError(f"give the concept a name of letters, digits, '-', '_' and '.' (sub-folders with '/'), "
+                       f"not {concept_name!r}")
     out = os.path.join(store.folder(), concept_name + ".safetensors")
     if os.path.exists(out) and not overwrite:
         raise E4TError(f"{out} exists: choose another name or tick 'overwrite'")
@@ -110,6 +103,7 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     domain_word = (domain_word or weights.config.domain_word).strip()
     token = host.single_token(sd_model, domain_word)
 
+    cfg = replace(cfg, prediction=sd_model.parameterization)
     device = devices.device
     unet = host.unet(sd_model)
     pixels = image_tensor(image)
@@ -130,7 +124,7 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
                           vae_encode=vae_encode, e_domain=host.input_embedding(sd_model, token),
                           empty_context=host.empty_context(sd_model), alphas_cumprod=sd_model.alphas_cumprod.float(),
                           scale=weights.config.scale, placeholder=marker,
-                          cfg=replace(cfg, prediction=sd_model.parameterization), mask=mask_t, features=features,
+                          cfg=cfg, mask=mask_t, features=features,
                           progress=progress, should_stop=should_stop, autocast_dtype=half)
         config = e4t.DomainConfig.from_json(asdict(weights.config))
         config.domain_word = domain_word
@@ -138,7 +132,7 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
         if not config.backbone_sha256:             # concepts carry the image tokens, not the ViT
             config.backbone_sha256 = weights.config.backbone_sha256 = tensors_sha256(backbone_state(
                 encoder.state_dict()))
-        config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": base_fingerprint(unet),
+        config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": host.base_fingerprint(unet),
                           "base_model": getattr(sd_model.sd_checkpoint_info, "name_for_extra", ""),
                           "source": weights_name, "masked": mask_t is not None, "host": "a1111",
                           "tune": {**asdict(cfg), "templates": list(cfg.templates)},
@@ -148,7 +142,6 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
                                  concept_image=image_uint8(image))
         os.makedirs(os.path.dirname(out), exist_ok=True)
         e4t.save(concept, out, dtype=host.opt("e4t_concept_dtype", "fp16"), include_backbone=False)
-        store.forget(out)
         return out, result.losses
     finally:
         weights.encoder.to("cpu")

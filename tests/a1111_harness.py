@@ -374,9 +374,7 @@ def test_extension_is_discovered():
 def _swap_checks(rows, seen, n_images, placeholder_rows):
     """Shared assertions of the per-step conditioning swap; returns a summary."""
     import torch
-    from e4t_a1111 import sampling
     check(len(rows) >= 2, f"only {len(rows)} denoiser calls recorded")
-    session_calls = [r for r in rows]
     # the U-Net saw, per denoiser call: the feature pass (n rows), then the real call (cond + uncond rows)
     check(len(seen["x"]) == 2 * len(rows), f"{len(seen['x'])} U-Net block-0 calls for {len(rows)} denoiser calls "
                                            f"(expected one feature pass + one real call each)")
@@ -412,7 +410,7 @@ def _run_swap(sampler, steps, batch=1, **kw):
     def count(p):
         predictions.append(sampling.RUNTIME.session)
     try:
-        p, res = generate(prompts if batch > 1 else prompts[0], concept_args(), sampler=sampler, steps=steps,
+        _, res = generate(prompts if batch > 1 else prompts[0], concept_args(), sampler=sampler, steps=steps,
                           negative="blurry, *s", batch=batch, probes=[ProbeScript(on_sampling=count)], **kw)
     finally:
         ENV.probe.active = False
@@ -451,9 +449,9 @@ def test_hires_fix_second_pass_is_refined():
     ENV.probe.reset()
     seen, handles = ENV.probe.unet_inputs()
     try:
-        p, res = generate("a photo of *s", concept_args(), sampler="Euler", steps=3, enable_hr=True, hr_scale=2,
-                          hr_upscaler="Latent", hr_second_pass_steps=6, denoising_strength=0.6,
-                          hr_prompt="a portrait of *s AND a hat", hr_sampler_name="DDIM")
+        generate("a photo of *s", concept_args(), sampler="Euler", steps=3, enable_hr=True, hr_scale=2,
+                 hr_upscaler="Latent", hr_second_pass_steps=6, denoising_strength=0.6,
+                 hr_prompt="a portrait of *s AND a hat", hr_sampler_name="DDIM")
     finally:
         ENV.probe.active = False
         for h in handles:
@@ -597,9 +595,10 @@ def test_tune_inside_webui_saves_a_concept():
     from PIL import Image
     import e4t
     from modules import call_queue, shared
-    _, sampling, store, tuning, ui = e4t_modules()
+    _, _, store, tuning, ui = e4t_modules()
     # a LoRA from an earlier job is still applied in place: the tune must start from the plain model
     generate("a photo of a cat <lora:e4ttest:1>", steps=2)
+    check(changed_tensors(ENV.snapshot), "the LoRA is not applied in place before the tune")
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 255, (72, 56, 3), dtype=np.uint8))
     mask = Image.fromarray((np.arange(56)[None, :].repeat(72, 0) > 20).astype(np.uint8) * 255)
@@ -639,7 +638,7 @@ def test_tune_inside_webui_saves_a_concept():
         shared.state.interrupted = False
     check(not os.path.exists(os.path.join(ENV.e4t_dir, "tuned", "stopped.safetensors")), "an interrupted tune saved")
     # the tuned concept samples
-    p, res = generate("a photo of *s", concept_args(name="tuned/test"), steps=2)
+    _, res = generate("a photo of *s", concept_args(name="tuned/test"), steps=2)
     check("E4T: tuned/test" in res.info, "sampling with the tuned concept failed")
     return {"tune_s": round(seconds, 1), "message": message}
 
@@ -677,7 +676,7 @@ def test_tab_and_script_ui_build_and_infotext_restores():
 
 @case("medvram", "lowvram")
 def test_low_vram_sampling_works_and_tuning_refuses():
-    from modules import lowvram, shared
+    from modules import shared
     from e4t_a1111 import tuning
     import e4t
     from PIL import Image
@@ -686,7 +685,7 @@ def test_low_vram_sampling_works_and_tuning_refuses():
     ENV.probe.reset()
     seen, handles = ENV.probe.unet_inputs()
     try:
-        p, res = generate("a photo of *s", concept_args(), steps=3)
+        _, res = generate("a photo of *s", concept_args(), steps=3)
     finally:
         ENV.probe.active = False
         for h in handles:
