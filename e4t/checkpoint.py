@@ -304,6 +304,7 @@ def load_file(path: str, backbone: dict | None = None) -> E4TWeights:
 
 def load(path: str, backbone: dict | None = None) -> E4TWeights:
     """Either a published folder (or a file inside one) or one of our `.safetensors` files."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         return load_published(path)
     if path.endswith((".pt", ".bin", ".json")):

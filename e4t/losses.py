@@ -8,6 +8,14 @@ def sd1_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0).float()
 
 
+def alphas_cumprod_of(model_sampling) -> torch.Tensor:
+    """ᾱ of a host's discrete schedule: its `alphas_cumprod`, or from its sigmas (σ² = (1 - ᾱ) / ᾱ)."""
+    acp = getattr(model_sampling, "alphas_cumprod", None)
+    if acp is None:
+        acp = 1 / (1 + model_sampling.sigmas.double() ** 2)
+    return acp.float()
+
+
 def placeholder_word(e_domain: torch.Tensor, e: torch.Tensor, scale: float) -> torch.Tensor:
     """w = e_domain + s * E(image, noisy latent)."""
     return e_domain.to(e.dtype) + scale * e

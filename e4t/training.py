@@ -44,6 +44,21 @@ def checkpointed(unet: nn.Module, enabled: bool):
             del block.forward
 
 
+@contextmanager
+def training_mode(unet: nn.Module, clone_norm_inputs: bool = False):
+    """Autograd on even inside a host's inference mode. clone_norm_inputs: for U-Nets whose transformer
+    blocks add residuals in place after a LayerNorm read its input (ComfyUI before 2025), which autograd
+    refuses; each LayerNorm then reads a copy. The hooks are removed afterwards."""
+    hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0].clone(), *args[1:]))
+             for m in unet.modules() if isinstance(m, nn.LayerNorm)] if clone_norm_inputs else []
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @dataclass
 class Objective:
     """Diffusion loss + embedding regulariser for one optimiser step, gradients into `encoder` (heads),

@@ -16,7 +16,7 @@ from torch import nn
 
 from .encoder import Encoder, ImageFeatures
 from .offsets import Offsets
-from .training import Objective, trainable_weights
+from .training import Objective, trainable_weights, training_mode
 
 TEMPLATES = {
     "published": ("a photo of {}",),
@@ -112,20 +112,10 @@ def _trained_names(unet: nn.Module, trains: str):
 def tune(unet: nn.Module, *args, clone_norm_inputs: bool = False, **kwargs) -> "TuneResult":
     """Tune on one image; see `_tune`. Runs with autograd on even when the host is in inference mode.
 
-    clone_norm_inputs: for U-Nets whose transformer blocks add residuals in place after a LayerNorm
-    read its input (ComfyUI before 2025), which autograd refuses; each LayerNorm then reads a copy.
-    The hooks are removed afterwards.
+    clone_norm_inputs: see `training_mode`.
     """
-    hooks = []
-    if clone_norm_inputs:
-        hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0].clone(), *args[1:]))
-                 for m in unet.modules() if isinstance(m, nn.LayerNorm)]
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            return _tune(unet, *args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    with training_mode(unet, clone_norm_inputs):
+        return _tune(unet, *args, **kwargs)
 
 
 def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tensor, *, text_encode, vae_encode,

@@ -117,3 +117,80 @@ def tiny_vae(seed=2):
         return comfy.sd.VAE(sd=ae.state_dict(), config={"params": TINY_VAE})
 
 
+
+
+def in_place_residuals() -> bool:
+    """ComfyUI before 2025 adds transformer residuals in place, which autograd refuses (see e4t.training_mode)."""
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    return "x += n" in inspect.getsource(BasicTransformerBlock)
+
+
+class SD1:
+    """An SD1.x model as ComfyUI builds it, with the callables the engine's `tune` and `pretrain` take."""
+
+    MARKER = "sks"   # a one-token word that holds the placeholder's slot
+
+    def __init__(self, model, clip, vae, device):
+        import comfy.model_base
+        from e4t import WordInjector, alphas_cumprod_of
+
+        self.model, self.clip, self.vae, self.device = model, clip, vae, torch.device(device)
+        self.unet = model.model.diffusion_model.to(self.device)
+        self.text_model = clip.cond_stage_model.clip_l.transformer.text_model
+        self.injector = WordInjector(self.text_model)
+        with torch.inference_mode(False):   # differentiable copies; the loaded CLIP stays as it is
+            self.text_weights = {k: v.detach().to(self.device).clone() for k, v in self.injector.named_parameters()}
+        self.marker = self.word_id(self.MARKER)
+        self.prediction = "v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps"
+        self.alphas_cumprod = alphas_cumprod_of(model.model.model_sampling)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device):
+        import comfy.sd
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True,
+                                                                 embedding_directory=None)[:3]
+        if model is None or clip is None or vae is None:
+            raise ValueError(f"{path}: not a full SD1.x checkpoint (U-Net, CLIP and VAE are all needed)")
+        return cls(model, clip, vae, device)
+
+    @classmethod
+    def tiny(cls, device="cpu"):
+        return cls(tiny_model(), tiny_clip(), tiny_vae(), device)
+
+    def ids(self, text: str) -> list:
+        return [t[0] for t in self.clip.tokenize(text)["l"][0]]
+
+    def word_id(self, word: str) -> int:
+        special = set(self.ids(""))
+        ids = [i for i in self.ids(word) if i not in special]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} CLIP tokens; it must be exactly one")
+        return ids[0]
+
+    def text_encode_for(self, placeholder: str):
+        """(prompts, words) -> (b, 77, d), each word at the prompt's placeholder; differentiable in words."""
+        def encode(prompts, words):
+            rows = [self.ids(p.replace(placeholder, f" {self.MARKER} ")) for p in prompts]
+            ids = torch.tensor(rows, device=self.device)
+            position = (ids == self.marker).int().argmax(dim=1)
+            return torch.func.functional_call(self.injector, self.text_weights, (ids, words.to(self.device), position))
+        return encode
+
+    @torch.no_grad()
+    def empty_context(self):
+        ids = torch.tensor([self.ids("")], device=self.device)
+        return torch.func.functional_call(self.injector, self.text_weights, (ids, None, torch.zeros_like(ids[:, 0])))
+
+    def e_domain(self, word: str):
+        return self.text_weights["text_model.embeddings.token_embedding.weight"][self.word_id(word)].detach().float()
+
+    def vae_encode(self, images):
+        """(b, 3, h, w) in [-1, 1] -> U-Net latents."""
+        with torch.inference_mode():
+            z = self.model.model.process_latent_in(self.vae.encode(((images + 1) / 2).movedim(1, -1)))
+        return z.clone().to(self.device)
+
+    def vae_decode(self, latents):
+        """U-Net latents -> (b, h, w, 3) in [0, 1]."""
+        with torch.inference_mode():
+            return self.vae.decode(self.model.model.process_latent_out(latents)).clone()

@@ -1,6 +1,5 @@
 """E4T Personalize: tune encoder heads, offsets and U-Net on one concept image (paper §3.4)."""
 import hashlib
-import inspect
 from dataclasses import asdict
 
 import torch
@@ -12,15 +11,10 @@ import comfy.utils
 from .. import e4t as engine
 from ..e4t.checkpoint import DomainConfig, E4TWeights
 from ..e4t.plots import line_plot
+from ..e4t_standalone.comfy_models import in_place_residuals
 from .model import E4T, image_sha256, image_to_engine
 from .prompt import PlaceholderPrompt
 from .refine import apply_e4t, base_fingerprint, domain_token, text_model
-
-
-def _in_place_residuals() -> bool:
-    """ComfyUI before 2025 adds transformer residuals in place, which autograd refuses."""
-    from comfy.ldm.modules.attention import BasicTransformerBlock
-    return "x += n" in inspect.getsource(BasicTransformerBlock)
 
 
 def _n_layers(clip, tm):
@@ -127,11 +121,11 @@ class E4TPersonalize:
             result = engine.tune(
                 unet, e4t.weights.encoder, e4t.weights.offsets, image_to_engine(image).to(device), text_encode=text_encode,
                 vae_encode=vae_encode, e_domain=tm.embeddings.token_embedding.weight[domain_token(clip, e4t.config.domain_word)],
-                empty_context=empty, alphas_cumprod=getattr(sampling, "alphas_cumprod", engine.sd1_alphas_cumprod()),
+                empty_context=empty, alphas_cumprod=engine.alphas_cumprod_of(sampling),
                 scale=e4t.config.scale, placeholder=placeholder, cfg=cfg, mask=engine_mask, features=features,
                 progress=progress, should_stop=comfy.model_management.processing_interrupted,
                 autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                clone_norm_inputs=_in_place_residuals())
+                clone_norm_inputs=in_place_residuals())
         except engine.Interrupted:
             raise comfy.model_management.InterruptProcessingException()
         finally:
