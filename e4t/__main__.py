@@ -1,5 +1,6 @@
 """Command line: `python -m e4t convert|eval|pretrain ...` (see --help of each)."""
 import argparse
+import os
 import sys
 
 from .checkpoint import DTYPES, E4TFileError, convert
@@ -73,7 +74,8 @@ def main(argv=None):
                 raise E4TFileError("give --ckpt (a base SD1.x checkpoint file), or --tiny to try the loop")
             import importlib   # host code (ComfyUI's loader) lives outside the engine
             importlib.import_module("e4t_standalone.pretrain_cli").run(args)
-            print(f"wrote checkpoints, state.pt, loss.csv and samples/ to {args.out}")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"wrote checkpoints, state.pt, loss.csv and samples/ to {args.out}")
     except (E4TFileError, KeyError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

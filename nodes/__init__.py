@@ -4,6 +4,7 @@ from .nodes_apply import E4TApply
 from .nodes_concept import E4TLoadConcept, E4TSaveConcept
 from .nodes_encode import E4TTextEncode
 from .nodes_load import E4TLoader
+from .nodes_mask import E4TFaceMask
 from .nodes_plot import E4TEmbeddingPlot
 from .nodes_tune import E4TPersonalize
 
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "E4TSaveConcept": E4TSaveConcept,
     "E4TLoadConcept": E4TLoadConcept,
     "E4TEmbeddingPlot": E4TEmbeddingPlot,
+    "E4TFaceMask": E4TFaceMask,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "E4TLoader": "Load E4T",
@@ -27,4 +29,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "E4TSaveConcept": "E4T Save Concept",
     "E4TLoadConcept": "E4T Load Concept",
     "E4TEmbeddingPlot": "E4T Embedding Plot",
+    "E4TFaceMask": "E4T Face Mask",
 }
