@@ -2,22 +2,37 @@
 
 Public API (hosts use only these names):
     load, save, convert, E4TWeights, DomainConfig, E4TFileError  -- weight files
-    Encoder, EncoderConfig, ImageFeatures, FoldedEncoder         -- the encoder (full; folded for sampling)
+    read_header, read_published_config, load_pickled_state_dict,
+    backbone_state, tensors_sha256                               -- file details, safe reading, backbone proof
+    Encoder, EncoderConfig, ImageFeatures, FoldedEncoder,
+    unet_feature_channels                                        -- the encoder (full; folded for sampling)
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
     predict_embedding, Refinement, unet_features                  -- per-step refinement
     encode_with_word, WordInjector, domain_embedding              -- placeholder injection in CLIP text
-    tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted    -- one-image tuning
+    tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted,
+    augment                                                       -- one-image tuning
+    pretrain, PretrainConfig, image_files, load_image, ddim       -- domain pre-training, sample images
+    detect_mask, MaskUnavailable, CASCADES                        -- automatic face / cat masks (OpenCV)
+    line_plot, scatter_plot                                       -- plots as images
     sd1_alphas_cumprod, alphas_cumprod_of                         -- noise schedules (SD1.x; a host's)
 """
-from .checkpoint import DomainConfig, E4TFileError, E4TWeights, convert, load, save
-from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures
+from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, load_pickled_state_dict,
+                         read_header, read_published_config, save, tensors_sha256)
+from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures, unet_feature_channels
+from .facemask import CASCADES, MaskUnavailable, detect_mask
 from .losses import alphas_cumprod_of, sd1_alphas_cumprod
 from .offsets import Offsets, applied, merge, targets
+from .plots import line_plot, scatter_plot
+from .pretrain import PretrainConfig, image_files, load_image, pretrain
 from .refinement import Refinement, predict_embedding, unet_features
+from .sampling import ddim
 from .text import WordInjector, domain_embedding, encode_with_word
-from .tune import PRESETS, Interrupted, TuneConfig, TuneResult, preset, tune
+from .tune import PRESETS, Interrupted, TuneConfig, TuneResult, augment, preset, tune
 
-__all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "Encoder", "EncoderConfig",
-           "ImageFeatures", "FoldedEncoder", "Offsets", "targets", "merge", "applied", "predict_embedding", "Refinement",
-           "unet_features", "WordInjector", "encode_with_word", "domain_embedding", "tune", "TuneConfig", "TuneResult", "PRESETS",
-           "preset", "Interrupted", "sd1_alphas_cumprod", "alphas_cumprod_of"]
+__all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "read_header",
+           "read_published_config", "load_pickled_state_dict", "backbone_state", "tensors_sha256", "Encoder",
+           "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
+           "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
+           "domain_embedding", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "augment",
+           "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
+           "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of"]

@@ -146,7 +146,7 @@ class Session:
         c, unet = self.concept, self.unet
         _, tm = host.text_model(self.sd_model)
         width = tm.embeddings.position_embedding.weight.shape[-1]
-        channels = sum(e4t.encoder.unet_feature_channels(unet.model_channels, unet.channel_mult,
+        channels = sum(e4t.unet_feature_channels(unet.model_channels, unet.channel_mult,
                                                          unet.num_res_blocks[0]))
         if c.word_dim != width or c.unet_dim != channels:
             raise E4TError(f"concept {c.name!r} was made for another model size (word width {c.word_dim}, U-Net "

@@ -7,7 +7,7 @@ A name is the path below the folder without `.safetensors` (`faces/anna`). A fil
 import os
 
 import e4t
-from e4t.checkpoint import read_header
+from e4t import read_header
 
 from .host import E4TError
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import e4t
-from e4t.checkpoint import backbone_state, tensors_sha256
+from e4t import backbone_state, tensors_sha256
 
 from . import host, store
 from .host import E4TError

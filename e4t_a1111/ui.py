@@ -104,7 +104,7 @@ def domain_word_of(name):
 
 def weights_config(name) -> e4t.DomainConfig:
     """The config of E4T weights, from the file header (no tensors read)."""
-    from e4t.checkpoint import read_header, read_published_config
+    from e4t import read_header, read_published_config
     path = store.path_of(name, store.WEIGHTS)
     return read_published_config(path) if os.path.isdir(path) else e4t.DomainConfig.from_json(read_header(path))
 
@@ -140,13 +140,13 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
 
 
 def _placeholder(path):
-    from e4t.checkpoint import read_header
+    from e4t import read_header
     return read_header(path).get("placeholder", "*s")
 
 
 def loss_plot(losses):
     from PIL import Image
-    from e4t.plots import line_plot
+    from e4t import line_plot
     img = line_plot(range(1, len(losses) + 1), losses, "E4T tuning loss", "step", "loss")
     return Image.fromarray((img * 255).round().byte().numpy())
 

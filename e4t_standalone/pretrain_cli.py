@@ -5,10 +5,8 @@ from dataclasses import asdict
 import torch
 
 import e4t
-from e4t.checkpoint import backbone_state, load_pickled_state_dict
-from e4t.pretrain import PretrainConfig, image_files, load_image, pretrain
-from e4t.sampling import ddim
-from e4t.tune import augment
+from e4t import (PretrainConfig, augment, backbone_state, ddim, image_files, load_image, load_pickled_state_dict,
+                 pretrain)
 
 from .comfy_models import SD1, import_comfy, in_place_residuals
 
@@ -37,7 +35,7 @@ def _encoder(args, sd1):
         return weights.encoder, weights.offsets.float(), weights.config
     if args.tiny:
         cfg = e4t.EncoderConfig(vit_width=80, vit_layers=2, vit_heads=1, vit_patch=8, image_size=32,
-                                unet_dim=sum(e4t.encoder.unet_feature_channels(32, (1, 2), 2)),
+                                unet_dim=sum(e4t.unet_feature_channels(32, (1, 2), 2)),
                                 word_dim=sd1.text_model.embeddings.token_embedding.weight.shape[1])
         encoder = e4t.Encoder(cfg)
     else:

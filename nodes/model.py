@@ -7,8 +7,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 
-from ..e4t import E4TFileError, E4TWeights, ImageFeatures
-from ..e4t.checkpoint import backbone_state, tensors_sha256
+from ..e4t import E4TFileError, E4TWeights, ImageFeatures, backbone_state, tensors_sha256
 
 
 def image_to_engine(image: torch.Tensor) -> torch.Tensor:

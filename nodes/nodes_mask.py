@@ -1,5 +1,5 @@
 """E4T Face Mask: a MASK for the face-masked tune, found automatically in the concept image."""
-from ..e4t.facemask import CASCADES, detect_mask
+from ..e4t import CASCADES, detect_mask
 
 
 class E4TFaceMask:

@@ -1,5 +1,5 @@
 """E4T Embedding Plot: ‖w − e_domain‖ over the timesteps of the last sampling run (paper fig. 7)."""
-from ..e4t.plots import line_plot
+from ..e4t import line_plot
 from .refine import refine_state
 
 

@@ -9,8 +9,7 @@ import comfy.model_management
 import comfy.utils
 
 from .. import e4t as engine
-from ..e4t.checkpoint import DomainConfig, E4TWeights
-from ..e4t.plots import line_plot
+from ..e4t import DomainConfig, E4TWeights, line_plot
 from ..e4t_standalone.comfy_models import in_place_residuals
 from .model import E4T, image_sha256, image_to_engine
 from .prompt import PlaceholderPrompt
