@@ -12,6 +12,10 @@ Lifecycle: `start` in Script.process (after the webui reloads its embeddings), `
 each sampler run (hires fix: twice), `stop` in Script.postprocess and at every entry point that may
 follow a failed job. Errors are raised from the U-Net's first call (`_Guard`), because the webui
 only logs exceptions from scripts and callbacks and would otherwise return images without E4T.
+
+Embedding norms (paper fig. 7): every call that predicts w also records (timestep, ‖w − e_domain‖
+averaged over the batch) in the current sampler run's `NormRun`; `Runtime.norm_runs()` hands them
+to Script.postprocess, which plots them when "Plot the embedding" is ticked.
 """
 import logging
 
@@ -94,6 +98,22 @@ class PassPrompts:
         return 0
 
 
+class NormRun:
+    """(timestep, ‖w − e_domain‖ mean over the batch) of every denoiser call of one sampler run."""
+
+    def __init__(self, iteration: int, hires: bool):
+        self.iteration, self.hires, self._t, self._norm = iteration, hires, [], []
+
+    def add(self, t: torch.Tensor, words: torch.Tensor, e_domain: torch.Tensor):
+        # kept as device tensors: no GPU sync per step; read once after the job
+        self._t.append(t.flatten()[0].float())
+        self._norm.append((words.float() - e_domain.to(words.device, torch.float32)).norm(dim=-1).mean())
+
+    def points(self):
+        """[(t, norm)] as floats, in call order."""
+        return [(float(t), float(n)) for t, n in zip(self._t, self._norm)]
+
+
 class _Guard:
     """A pre-hook on the U-Net that raises a stored error, so a failed E4T setup fails the job."""
 
@@ -129,9 +149,10 @@ class Session:
         self._check_fit()
         self.device = devices.device
         self.hooks, self.placeholder, self.pass_prompts, self.calls, self._cache = None, None, None, 0, {}
+        self.runs = []                         # a NormRun per sampler run (n_iter batches, hires passes)
         try:
             e_domain = host.input_embedding(sd_model, host.single_token(sd_model, c.config.domain_word))
-            e_domain = e_domain.to(self.device)
+            self.e_domain = e_domain = e_domain.to(self.device)
             self.refinement = e4t.Refinement(c.folded.to(self.device), e_domain, host.empty_context(sd_model),
                                              c.config.scale, self.t_stop)
             storage = torch.device("cpu") if host.low_vram(sd_model) else self.device
@@ -168,6 +189,7 @@ class Session:
         else:
             args = (p.prompts, p.firstpass_steps, None, p.width, p.height)
         self.pass_prompts = PassPrompts(*args, self.placeholder_text)
+        self.runs.append(NormRun(int(getattr(p, "iteration", 0) or 0), bool(getattr(p, "is_hr_pass", False))))
         self.refinement.reset()
         self._cache = {}
 
@@ -189,6 +211,7 @@ class Session:
             host.unet_on_device(self.sd_model)
             words = self.refinement(self.unet, x, t, devices.dtype_unet)      # (n, d)
         self.calls += 1
+        self.runs[-1].add(t, words, self.e_domain)        # also when frozen below t_stop: one point per call
         if words is not self._cache.get("words"):
             self._cache = {"words": words}
         step = params.denoiser.step
@@ -277,6 +300,10 @@ class Runtime:
                 self.session.on_cfg_denoiser(params)
             except Exception as err:
                 self.fail(err)
+
+    def norm_runs(self) -> list:
+        """The current job's NormRuns that have points (call before `stop`)."""
+        return [] if self.session is None else [run for run in self.session.runs if run._t]
 
     def stop(self, *_):
         if self.session is not None:
