@@ -116,7 +116,7 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
     enc = trainable_heads(encoder)
     offs = offsets.float().requires_grad_(True).train()
     params = enc.heads() + list(offs.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, trainable_weights(unet, set()), text_encode,
                           e_domain.detach().to(device, torch.float32).clone(), empty_context.detach().to(device).clone(),

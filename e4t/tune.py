@@ -156,7 +156,8 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     trained = set(_trained_names(unet, cfg.trains))
     weights = trainable_weights(unet, trained)
     params = enc.heads() + list(offs.parameters()) + [weights[n] for n in sorted(trained)]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")   # one kernel for all parameters on the GPU
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, weights, text_encode, e_domain.detach().to(device, torch.float32).clone(),
                           empty_context.detach().to(device).clone(), acp, scale, cfg.prediction, cfg.regularizer,

@@ -109,6 +109,9 @@ class NormRun:
         self._t.append(t.flatten()[0].float())
         self._norm.append((words.float() - e_domain.to(words.device, torch.float32)).norm(dim=-1).mean())
 
+    def __len__(self):
+        return len(self._t)
+
     def points(self):
         """[(t, norm)] as floats, in call order."""
         return [(float(t), float(n)) for t, n in zip(self._t, self._norm)]
@@ -303,7 +306,7 @@ class Runtime:
 
     def norm_runs(self) -> list:
         """The current job's NormRuns that have points (call before `stop`)."""
-        return [] if self.session is None else [run for run in self.session.runs if run._t]
+        return [] if self.session is None else [run for run in self.session.runs if len(run)]
 
     def stop(self, *_):
         if self.session is not None:

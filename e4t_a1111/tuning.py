@@ -43,6 +43,14 @@ def mask_tensor(mask, size) -> torch.Tensor | None:
     return t
 
 
+def automatic_mask(pixels: torch.Tensor, kind: str) -> torch.Tensor:
+    """(3, H, W) in [-1, 1] -> (H, W) mask around the largest `kind` (face, cat) OpenCV finds."""
+    try:
+        return e4t.detect_mask((pixels.permute(1, 2, 0) + 1) / 2, kind)
+    except (e4t.MaskUnavailable, ValueError) as err:       # no OpenCV, nothing found, unknown kind
+        raise E4TError(f"automatic {kind} mask: {err}") from None
+
+
 def image_uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
 
@@ -77,8 +85,11 @@ def text_encoder(sd_model, device):
 
 
 def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cfg: e4t.TuneConfig,
-         overwrite: bool = False, progress=None, should_stop=None):
-    """Tune and save; returns (path of the saved concept, losses). Raises E4TError or e4t.Interrupted."""
+         overwrite: bool = False, progress=None, should_stop=None, auto_mask: str = "none"):
+    """Tune and save; returns (path of the saved concept, losses). Raises E4TError or e4t.Interrupted.
+
+    auto_mask: "none", or a kind of `e4t.CASCADES` ("face", "cat") to find the mask with OpenCV when no
+    mask is given; nothing found (or no OpenCV) is an E4TError before anything is loaded or trained."""
     from modules import devices, shared
 
     sd_model = shared.sd_model
@@ -95,6 +106,10 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     out = os.path.join(store.folder(), concept_name + ".safetensors")
     if os.path.exists(out) and not overwrite:
         raise E4TError(f"{out} exists: choose another name or tick 'overwrite'")
+    pixels = image_tensor(image)
+    mask_t, mask_source = mask_tensor(mask, image.size), "uploaded"
+    if mask_t is None and auto_mask and auto_mask != "none":
+        mask_t, mask_source = automatic_mask(pixels, auto_mask), auto_mask
     path = store.path_of(weights_name, store.WEIGHTS)
     weights = store.load(path, keep=host.opt("e4t_keep_weights_loaded", True))
     if weights.encoder.clip_vision.conv1.weight.is_meta:
@@ -106,8 +121,6 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     cfg = replace(cfg, prediction=sd_model.parameterization)
     device = devices.device
     unet = host.unet(sd_model)
-    pixels = image_tensor(image)
-    mask_t = mask_tensor(mask, image.size)
     host.release_lora(sd_model)
     encoder = weights.encoder.to(device, torch.float32 if device.type == "cpu" else devices.dtype)
     try:
@@ -134,7 +147,8 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
                 encoder.state_dict()))
         config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": host.base_fingerprint(unet),
                           "base_model": getattr(sd_model.sd_checkpoint_info, "name_for_extra", ""),
-                          "source": weights_name, "masked": mask_t is not None, "host": "a1111",
+                          "source": weights_name, "masked": mask_t is not None,
+                          "mask": mask_source if mask_t is not None else None, "host": "a1111",
                           "tune": {**asdict(cfg), "templates": list(cfg.templates)},
                           "losses": [round(x, 6) for x in result.losses]}
         concept = e4t.E4TWeights(config=config, encoder=result.encoder, offsets=result.offsets,

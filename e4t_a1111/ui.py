@@ -21,6 +21,9 @@ function(...args) {
 """
 
 INFOTEXT = {"enabled": "E4T enabled", "concept": "E4T", "strength": "E4T strength", "t_stop": "E4T t_stop"}
+# "Plot the embedding" is deliberately not in the infotext: it changes no pixel of the images (it only adds
+# a report image), so pasting an image's parameters leaves the checkbox as the user set it.
+AUTO_MASKS = ["none", *e4t.CASCADES]
 
 
 def _forge_tab():
@@ -48,6 +51,9 @@ def tab():
                     image = gr.Image(label="Concept image", type="pil", source="upload", elem_id="e4t_image")
                     mask = gr.Image(label="Mask (optional; white = the concept)", type="pil", source="upload",
                                     image_mode="L", elem_id="e4t_mask")
+                with gr.Row():
+                    auto_mask = gr.Dropdown(label="Automatic mask (used when no mask is uploaded)", choices=AUTO_MASKS,
+                                            value="none", elem_id="e4t_auto_mask")
                 with gr.Row():
                     domain = gr.Textbox(label="Domain word", placeholder="the weights' own (e.g. face)",
                                         elem_id="e4t_domain")
@@ -84,7 +90,7 @@ def tab():
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_tune, extra_outputs=[None, ""]), _js=TUNE_JS,
                   inputs=[task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution,
-                          trains, micro, seed, overwrite],
+                          trains, micro, seed, overwrite, auto_mask],
                   outputs=[plot, output, result])
     return [(block, "E4T", "e4t")]
 
@@ -110,7 +116,7 @@ def weights_config(name) -> e4t.DomainConfig:
 
 
 def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution, trains,
-             micro, seed, overwrite):
+             micro, seed, overwrite, auto_mask="none"):
     """The Tune button (inside wrap_gradio_gpu_call: the webui's queue lock, progress and interrupt)."""
     from modules import shared
     sampling.RUNTIME.stop()                          # nothing of a failed earlier job may stay on the U-Net
@@ -128,7 +134,8 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
 
     try:
         path, losses = tuning.tune(weights, image, mask, domain, name, cfg, overwrite=bool(overwrite),
-                                   progress=progress, should_stop=lambda: state.interrupted)
+                                   progress=progress, should_stop=lambda: state.interrupted,
+                                   auto_mask=auto_mask or "none")
     except e4t.Interrupted as err:
         return None, "", f"<p>{html.escape(str(err))}; no concept was saved.</p>"
     plot = loss_plot(losses)
@@ -145,10 +152,34 @@ def _placeholder(path):
 
 
 def loss_plot(losses):
-    from PIL import Image
     from e4t import line_plot
-    img = line_plot(range(1, len(losses) + 1), losses, "E4T tuning loss", "step", "loss")
+    return _pil(line_plot(range(1, len(losses) + 1), losses, "E4T tuning loss", "step", "loss"))
+
+
+def _pil(img):
+    from PIL import Image
     return Image.fromarray((img * 255).round().byte().numpy())
+
+
+def norm_plot(run, several: bool):
+    """The ‖w − e_domain‖ of one sampler run over its timesteps (paper fig. 7) as a PIL image."""
+    from e4t import line_plot
+    points = run.points()
+    title = "E4T: |w - e_domain| at each denoiser call"       # ASCII: Pillow's default font has no ‖ or −
+    if several:
+        title += f" (batch {run.iteration + 1}" + (", hires pass)" if run.hires else ")")
+    elif run.hires:
+        title += " (hires pass)"
+    return _pil(line_plot([t for t, _ in points], [n for _, n in points], title, "timestep t", "norm"))
+
+
+def add_norm_plots(processed, runs):
+    """Append one plot per sampler run to the job's images, each with the job's infotext so the gallery's
+    info, Save and Send-to keep working (they index `infotexts` by image)."""
+    several = len(runs) > 1
+    for run in runs:
+        processed.images.append(norm_plot(run, several))
+        processed.infotexts.append(processed.info)
 
 
 def script_ui(script, is_img2img):
@@ -170,10 +201,13 @@ def script_ui(script, is_img2img):
                                  elem_id=script.elem_id("e4t_strength"))
             t_stop = gr.Slider(0, 1000, value=0, step=1, label="t_stop (keep the embedding fixed below this timestep)",
                                elem_id=script.elem_id("e4t_t_stop"))
+        with gr.Row():
+            plot = gr.Checkbox(False, label="Plot the embedding (|w - e_domain| per step, added to the images)",
+                               elem_id=script.elem_id("e4t_plot"))
         gr.Markdown("Write the concept's placeholder (`*s` unless it was made otherwise) in the prompt. Its word "
                     "embedding is predicted again at every sampling step.")
-    components = {"enabled": enabled, "concept": concept, "strength": strength, "t_stop": t_stop}
-    script.infotext_fields = [(components[k], INFOTEXT[k]) for k in INFOTEXT]
+    components = {"enabled": enabled, "concept": concept, "strength": strength, "t_stop": t_stop, "plot": plot}
+    script.infotext_fields = [(components[k], INFOTEXT[k]) for k in INFOTEXT]         # not "plot": see INFOTEXT
     script.paste_field_names = list(INFOTEXT.values())
     return list(components.values())
 

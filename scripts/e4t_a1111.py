@@ -30,15 +30,19 @@ class E4TScript(scripts.Script):
     def before_process(self, p, *args):
         sampling.RUNTIME.stop()              # what a failed earlier job may have left
 
-    def process(self, p, enabled=False, concept=None, strength=1.0, t_stop=0, *args):
+    def process(self, p, enabled=False, concept=None, strength=1.0, t_stop=0, plot=False, *args):
         if enabled:
             sampling.RUNTIME.start(p, concept, strength, t_stop)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         sampling.RUNTIME.begin_pass(p)
 
-    def postprocess(self, p, processed, *args):
-        sampling.RUNTIME.stop()
+    def postprocess(self, p, processed, enabled=False, concept=None, strength=1.0, t_stop=0, plot=False, *args):
+        try:
+            if enabled and plot:
+                ui.add_norm_plots(processed, sampling.RUNTIME.norm_runs())
+        finally:
+            sampling.RUNTIME.stop()
 
 
 script_callbacks.on_cfg_denoiser(sampling.RUNTIME.on_cfg_denoiser, name="e4t")

@@ -345,8 +345,8 @@ def generate(prompt, e4t_args=(False, None, 1.0, 0), sampler="Euler", steps=3, n
     return p, res
 
 
-def concept_args(name="tiny-concept", strength=1.0, t_stop=0):
-    return (True, name, strength, t_stop)
+def concept_args(name="tiny-concept", strength=1.0, t_stop=0, plot=False):
+    return (True, name, strength, t_stop, plot)
 
 
 # --- cases ------------------------------------------------------------------------------------------
@@ -482,6 +482,87 @@ def test_img2img_is_refined():
 
 
 @case()
+def test_norm_plot_only_when_ticked():
+    """'Plot the embedding': one image per sampler run appended after the samples (with an infotext each),
+    one point per denoiser call = (t, ‖w − e_domain‖ mean over the batch); nothing when unticked."""
+    import numpy as np
+    import torch
+    from e4t_a1111 import host, sampling, ui
+    e_domain = host.input_embedding(ENV.sd_model, host.single_token(ENV.sd_model, "face"))
+    returned, captured = [], []
+
+    class Recorder:                     # what the refinement hands to the prompt, call by call
+        def __init__(self, inner):
+            self.inner = inner
+
+        def reset(self):
+            self.inner.reset()
+
+        def __call__(self, unet, x, t, dtype=None):
+            w = self.inner(unet, x, t, dtype)
+            returned.append((float(t.flatten()[0]), w.detach().float().clone()))
+            return w
+
+    def record(p):
+        s = sampling.RUNTIME.session
+        if not isinstance(s.refinement, Recorder):
+            s.refinement = Recorder(s.refinement)
+
+    original = ui.add_norm_plots
+
+    def spy(processed, runs):
+        captured.append([(run.hires, run.points()) for run in runs])
+        original(processed, runs)
+
+    prompts = ["a photo of *s", "*s in the snow"]
+    hooks_before = hook_count()
+    ui.add_norm_plots = spy
+    try:
+        _, plain = generate(prompts, concept_args(), steps=3, batch=2)
+        check(len(plain.images) == 2 and len(plain.infotexts) == 2 and not captured,
+              f"unticked: {len(plain.images)} images, {len(plain.infotexts)} infotexts, plots {len(captured)}")
+        ENV.probe.reset()
+        _, res = generate(prompts, concept_args(plot=True), steps=3, batch=2, probes=[ProbeScript(on_sampling=record)])
+        ENV.probe.active = False
+        calls = len(ENV.probe.cond_rows)
+    finally:
+        ENV.probe.active = False
+        ui.add_norm_plots = original
+    check(len(res.images) == 3 and len(res.infotexts) == 3, f"ticked: {len(res.images)} images, "
+                                                              f"{len(res.infotexts)} infotexts (2 samples + 1 plot)")
+    check(res.infotexts[2] == res.info and "E4T: tiny-concept" in res.info, "the plot's infotext is not the job's")
+    for a, b in zip(plain.images, res.images[:2]):
+        check(np.array_equal(np.asarray(a), np.asarray(b)), "ticking the plot changed the samples")
+    plot = res.images[2]
+    check(plot.size == (512, 320) and np.asarray(plot).min() < 128, f"plot image {plot.size} looks empty")
+    check(len(captured) == 1 and len(captured[0]) == 1, f"plotted runs: {captured}")
+    points = captured[0][0][1]
+    check(len(points) == calls == len(returned) == 3, f"{len(points)} points for {calls} denoiser calls")
+    for (t, norm), (t_w, w) in zip(points, returned):
+        want = (w - e_domain.to(w)).norm(dim=-1).mean().item()
+        check(abs(t - t_w) < 1e-6 and abs(norm - want) <= 1e-5 * max(1.0, want),
+              f"recorded ({t}, {norm}), expected ({t_w}, {want})")
+    check(all(a[0] > b[0] for a, b in zip(points, points[1:])), f"timesteps not decreasing: {points}")
+    # hires fix: one plot per sampler run
+    ENV.probe.reset()
+    ui.add_norm_plots = spy
+    try:
+        _, hr = generate("a photo of *s", concept_args(plot=True), steps=3, enable_hr=True, hr_scale=2,
+                         hr_upscaler="Latent", hr_second_pass_steps=4, denoising_strength=0.6)
+        rows = ENV.probe.cond_rows
+    finally:
+        ENV.probe.active = False
+        ui.add_norm_plots = original
+    runs = captured[-1]
+    first, second = sum(not r["hr"] for r in rows), sum(r["hr"] for r in rows)
+    check(len(hr.images) == 3 and len(hr.infotexts) == 3, f"hires: {len(hr.images)} images (1 sample + 2 plots)")
+    check([h for h, _ in runs] == [False, True] and [len(pts) for _, pts in runs] == [first, second],
+          f"hires runs {[(h, len(pts)) for h, pts in runs]} for {first} + {second} denoiser calls")
+    check(sampling.RUNTIME.session is None and hook_count() == hooks_before, "E4T left hooks or a session")
+    return {"points": points, "hires_points": [len(pts) for _, pts in runs]}
+
+
+@case()
 def test_reencoding_matches_webui_prompt_path():
     """With w held at the webui's own placeholder vector, the re-encoded conditioning must equal the
     webui's, bit for bit: AND, prompt editing, emphasis, BREAK and CLIP skip go through its path."""
@@ -605,7 +686,7 @@ def test_tune_inside_webui_saves_a_concept():
     t0 = time.time()
     tune = call_queue.wrap_gradio_gpu_call(ui.run_tune, extra_outputs=[None, ""])
     plot, _, message = tune("task(e4ttest)", "tiny-e4t", image, mask, "face", "tuned/test", "published", 2, 1e-3,
-                            1e-4, 2, 64, "all", 1, 0, False)
+                            1e-4, 2, 64, "all", 1, 0, False, "face")      # an uploaded mask wins over "face"
     seconds = time.time() - t0
     check(plot is not None and "Saved" in message, f"tune failed: {message}")
     check(plot.size == (512, 320), f"loss plot size {plot.size}")
@@ -615,6 +696,7 @@ def test_tune_inside_webui_saves_a_concept():
     check(concept.concept_tokens is not None and concept.concept_image.shape == (72, 56, 3), "concept data missing")
     check(concept.config.concept["image_sha256"] == tuning.image_sha256(image), "image hash missing")
     check(len(concept.config.concept["losses"]) == 2 and concept.config.concept["masked"], "tune record missing")
+    check(concept.config.concept["mask"] == "uploaded", f"mask source {concept.config.concept.get('mask')!r}")
     check(len(concept.unet_delta) == len(list(ENV.unet.parameters())), "tuned U-Net delta incomplete")
     check(any(v.float().abs().max() > 0 for v in concept.unet_delta.values()), "the U-Net delta is zero")
     src, new = source.offsets.state_dict(), concept.offsets.state_dict()
@@ -644,6 +726,58 @@ def test_tune_inside_webui_saves_a_concept():
 
 
 @case()
+def test_tune_with_automatic_face_mask():
+    """'Automatic mask: face': OpenCV finds the astronaut's face and the tune gets that mask; on noise the
+    user reads 'no face found' in the tab's result and nothing is saved."""
+    import numpy as np
+    from PIL import Image
+    import e4t
+    from modules import call_queue
+    _, _, _, tuning, ui = e4t_modules()
+    tune = call_queue.wrap_gradio_gpu_call(ui.run_tune, extra_outputs=[None, ""])
+
+    def run(image, name):
+        return tune(f"task(e4t-{name})", "tiny-e4t", image, None, "face", f"masked/{name}", "published", 1, 1e-3,
+                    1e-4, 1, 64, "attention", 1, 0, False, "face")
+    try:
+        import cv2  # noqa: F401
+        opencv = True
+    except ImportError:
+        opencv = False
+    noise = Image.fromarray(np.random.default_rng(7).integers(0, 255, (96, 80, 3), dtype=np.uint8))
+    plot, _, message = run(noise, "noise")
+    wanted = "no face found" if opencv else "opencv-python-headless<5"
+    check(plot is None and "class='error'" in message and wanted in message, f"unclear message: {message}")
+    check(not os.path.exists(os.path.join(ENV.e4t_dir, "masked", "noise.safetensors")), "a failed tune saved")
+    if not opencv:
+        return {"opencv": False, "message": message}
+    try:
+        import skimage.data
+    except ImportError:
+        return {"opencv": True, "astronaut": False, "message": message}
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    given, original = [], e4t.tune
+
+    def spy(*args, **kwargs):
+        given.append(kwargs.get("mask"))
+        return original(*args, **kwargs)
+    e4t.tune = spy
+    try:
+        plot, _, saved = run(astronaut, "astronaut")
+    finally:
+        e4t.tune = original
+    check(plot is not None and "Saved" in saved, f"tune with the automatic mask failed: {saved}")
+    pixels = tuning.image_tensor(astronaut)
+    expected = e4t.detect_mask((pixels.permute(1, 2, 0) + 1) / 2, "face")
+    check(len(given) == 1 and given[0] is not None and given[0].shape == (512, 512) and
+          bool((given[0] == expected).all()), "the tune did not get the detected face mask")
+    record = e4t.load(os.path.join(ENV.e4t_dir, "masked", "astronaut.safetensors")).config.concept
+    check(record["masked"] is True and record["mask"] == "face", f"concept record: masked {record.get('masked')}, "
+                                                                 f"mask {record.get('mask')}")
+    return {"opencv": True, "astronaut": True, "message": message, "mask_fraction": float(given[0].mean())}
+
+
+@case()
 def test_tab_and_script_ui_build_and_infotext_restores():
     from modules import infotext_utils, script_callbacks, scripts, shared, ui as webui
     t0 = time.time()
@@ -651,11 +785,15 @@ def test_tab_and_script_ui_build_and_infotext_restores():
     seconds = time.time() - t0
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     for elem in ("e4t_weights", "e4t_image", "e4t_mask", "e4t_domain", "e4t_steps", "e4t_lr", "e4t_lambda",
-                 "e4t_batch", "e4t_tune", "e4t_tune_plot", "script_txt2img_e4t_e4t_concept",
-                 "script_img2img_e4t_e4t_strength", "script_txt2img_e4t_e4t_t_stop"):
+                 "e4t_batch", "e4t_tune", "e4t_tune_plot", "e4t_auto_mask", "script_txt2img_e4t_e4t_concept",
+                 "script_img2img_e4t_e4t_strength", "script_txt2img_e4t_e4t_t_stop", "script_txt2img_e4t_e4t_plot",
+                 "script_img2img_e4t_e4t_plot"):
         check(elem in ids, f"UI element {elem!r} missing")
     fields = {name for _, name in scripts.scripts_txt2img.infotext_fields if isinstance(name, str)}
     check({"E4T enabled", "E4T", "E4T strength", "E4T t_stop"} <= fields, f"paste fields: {fields}")
+    plot_fields = [name for comp, name in scripts.scripts_txt2img.infotext_fields
+                   if getattr(comp, "elem_id", None) == "script_txt2img_e4t_e4t_plot"]
+    check(not plot_fields, f"'Plot the embedding' must not be restored from infotext: {plot_fields}")
     check("E4T" in scripts.scripts_txt2img.paste_field_names, "E4T not in send-to fields")
     check("e4t_concept_dtype" in shared.opts.data_labels, "settings section missing")
     # paste: the infotext of an E4T image turns E4T on with its concept, strength and t_stop

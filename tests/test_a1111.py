@@ -85,6 +85,11 @@ def test_img2img_is_refined(webui):
     details(webui, "test_img2img_is_refined")
 
 
+def test_norm_plot_only_when_ticked(webui):
+    d = details(webui, "test_norm_plot_only_when_ticked")
+    assert len(d["points"]) == 3 and all(norm > 0 for _, norm in d["points"])
+
+
 def test_reencoding_matches_webui_prompt_path(webui):
     details(webui, "test_reencoding_matches_webui_prompt_path")
 
@@ -99,6 +104,15 @@ def test_failed_setup_fails_the_job_with_a_clear_message(webui):
 
 def test_tune_inside_webui_saves_a_concept(webui):
     details(webui, "test_tune_inside_webui_saves_a_concept")
+
+
+def test_tune_with_automatic_face_mask(webui):
+    d = details(webui, "test_tune_with_automatic_face_mask")
+    if not d["opencv"]:
+        pytest.skip("OpenCV is not installed in the webui's Python: only its clear message was checked")
+    if not d["astronaut"]:
+        pytest.skip("scikit-image is not installed in the webui's Python: only the 'no face found' path was checked")
+    assert "no face found" in d["message"] and 0 < d["mask_fraction"] < 0.5
 
 
 def test_tab_and_script_ui_build_and_infotext_restores(webui):
