@@ -183,12 +183,15 @@ def sampling(s, device, dtype, args):
                 s.unet(x.expand(2, -1, -1, -1), timesteps=t.expand(2), context=torch.cat([s.empty, cond]))
 
     with e4t.applied(s.unet, deltas):
+        f_plain, f_ours = flops(plain), flops(ours)       # exact, unlike times on a shared machine
         t_plain = timed(plain, device, args.repeats * 3)
         t_ours = timed(ours, device, args.repeats * 3)
+    f_ref = flops(reference)
     t_ref = timed(reference, device, args.repeats)
     rows = []
     rows.append(("sampling step, CFG (U-Net batch 2)", f"plain {t_plain * 1e3:.1f} ms", f"E4T {t_ours * 1e3:.1f} ms",
-                 f"ratio {t_ours / t_plain:.2f}x", f"reference-style {t_ref / t_plain:.2f}x"))
+                 f"time ratio {t_ours / t_plain:.2f}x (FLOP ratio {f_ours / f_plain:.3f}x)",
+                 f"reference-style {t_ref / t_plain:.2f}x (FLOP {f_ref / f_plain:.3f}x)"))
     t_delta = timed(lambda: s.offsets.deltas(), device, args.repeats)
     t_dense = timed(lambda: [reference_delta(s.offsets[k]) for k in s.offsets.targets], device, args.repeats)
     rows.append((f"ΔW for all {len(s.offsets.targets)} projections", f"closed form {t_delta * 1e3:.1f} ms",

@@ -34,7 +34,8 @@ def _forge_tab():
 
 
 def tab():
-    """on_ui_tabs: choose weights, one image (+ mask), domain word, steps, lr, λ, batch; Tune."""
+    """on_ui_tabs: choose weights, one image (+ mask, or an automatic face/cat mask), domain word, steps, lr, λ,
+    batch; Tune."""
     import gradio as gr
     from modules import call_queue, shared, ui_common
 

@@ -486,7 +486,6 @@ def test_norm_plot_only_when_ticked():
     """'Plot the embedding': one image per sampler run appended after the samples (with an infotext each),
     one point per denoiser call = (t, ‖w − e_domain‖ mean over the batch); nothing when unticked."""
     import numpy as np
-    import torch
     from e4t_a1111 import host, sampling, ui
     e_domain = host.input_embedding(ENV.sd_model, host.single_token(ENV.sd_model, "face"))
     returned, captured = [], []
