@@ -71,6 +71,8 @@ def tab():
                         resolution = gr.Slider(256, 1024, value=512, step=64, label="Resolution", elem_id="e4t_resolution")
                         micro = gr.Slider(1, 16, value=1, step=1, label="Micro-batches per step (less VRAM)",
                                           elem_id="e4t_accumulation")
+                        checkpointing = gr.Checkbox(False, label="Gradient checkpointing (less VRAM, slower)",
+                                                    elem_id="e4t_checkpointing")
                     with gr.Row():
                         trains = gr.Radio(["all", "attention"], value="all", label="U-Net weights trained",
                                           elem_id="e4t_trains")
@@ -91,7 +93,7 @@ def tab():
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_tune, extra_outputs=[None, ""]), _js=TUNE_JS,
                   inputs=[task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution,
-                          trains, micro, seed, overwrite, auto_mask],
+                          trains, micro, seed, overwrite, auto_mask, checkpointing],
                   outputs=[plot, output, result])
     return [(block, "E4T", "e4t")]
 
@@ -117,14 +119,14 @@ def weights_config(name) -> e4t.DomainConfig:
 
 
 def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution, trains,
-             micro, seed, overwrite, auto_mask="none"):
+             micro, seed, overwrite, auto_mask="none", checkpointing=False):
     """The Tune button (inside wrap_gradio_gpu_call: the webui's queue lock, progress and interrupt)."""
     from modules import shared
     sampling.RUNTIME.stop()                          # nothing of a failed earlier job may stay on the U-Net
     state = shared.state
     cfg = e4t.preset(preset or "published", steps=int(steps), lr=float(lr), reg_lambda=float(reg),
                      batch_size=int(batch), resolution=int(resolution), trains=trains, accumulation=int(micro),
-                     seed=int(seed))
+                     checkpointing=bool(checkpointing), seed=int(seed))
     state.job, state.job_count, state.job_no = "E4T tune", 1, 0
     state.sampling_steps, state.sampling_step = cfg.steps, 0
     state.textinfo = "E4T: encoding the concept image"
