@@ -1,6 +1,7 @@
 import torch
 
 from e4t import Offsets, applied, merge, targets
+from tiny_models import SD15_UNET
 from e4t.offsets import (Offset, compvis_block_to_diffusers, diffusers_block_to_compvis, published_to_target,
                          target_to_published)
 
@@ -52,24 +53,16 @@ def test_merge_is_dtype_safe_and_not_in_place():
     torch.testing.assert_close(out.float(), keep.float() * 1.5, rtol=1e-2, atol=0)
 
 
-def _sd15_config():
-    return dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2] * 4,
-                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
-                transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, num_heads=8,
-                in_channels=4, out_channels=4, adm_in_channels=None, image_size=32, use_spatial_transformer=True,
-                legacy=False)
-
-
 def test_key_maps_agree_with_comfyui_on_the_full_sd15_unet(comfy):
     import comfy.supported_models
     import comfy.utils
     with torch.device("meta"):
-        cfg = comfy.supported_models.SD15(_sd15_config())
+        cfg = comfy.supported_models.SD15(dict(SD15_UNET))
         cfg.set_inference_dtype(torch.float32, None)
         sd = cfg.get_model({}).diffusion_model.state_dict()
     ours = targets(sd)
     assert len(ours) == 96                                    # 16 blocks x attn1/attn2 x q/k/v
-    host = {v: k for k, v in comfy.utils.unet_to_diffusers(_sd15_config()).items()}   # CompVis -> diffusers
+    host = {v: k for k, v in comfy.utils.unet_to_diffusers(dict(SD15_UNET)).items()}   # CompVis -> diffusers
     published = set()
     for target in ours:
         diffusers = host[target]
@@ -86,7 +79,7 @@ def test_key_maps_agree_with_comfyui_on_the_full_sd15_unet(comfy):
 def test_published_offset_count_and_params_on_full_sd15(comfy):
     import comfy.supported_models
     with torch.device("meta"):
-        cfg = comfy.supported_models.SD15(_sd15_config())
+        cfg = comfy.supported_models.SD15(dict(SD15_UNET))
         cfg.set_inference_dtype(torch.float32, None)
         sd = cfg.get_model({}).diffusion_model.state_dict()
         offsets = Offsets(targets(sd))
