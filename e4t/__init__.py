@@ -8,7 +8,7 @@ Public API (hosts use only these names):
     unet_feature_channels                                        -- the encoder (full; folded for sampling)
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
     predict_embedding, Refinement, unet_features                  -- per-step refinement
-    encode_with_word, WordInjector, domain_embedding              -- placeholder injection in CLIP text
+    encode_with_word, WordInjector, domain_embedding, MARKERS     -- placeholder injection in CLIP text
     tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted,
     augment                                                       -- one-image tuning
     pretrain, PretrainConfig, image_files, load_image, ddim       -- domain pre-training, sample images
@@ -26,13 +26,13 @@ from .plots import line_plot, scatter_plot
 from .pretrain import PretrainConfig, image_files, load_image, pretrain
 from .refinement import Refinement, predict_embedding, unet_features
 from .sampling import ddim
-from .text import WordInjector, domain_embedding, encode_with_word
+from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
 from .tune import PRESETS, Interrupted, TuneConfig, TuneResult, augment, preset, tune
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "read_header",
            "read_published_config", "load_pickled_state_dict", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
-           "domain_embedding", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "augment",
+           "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "augment",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
            "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of"]

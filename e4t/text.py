@@ -9,6 +9,10 @@ own layers are called, so host casts and patches still apply.
 import torch
 import torch.nn.functional as F
 
+# Rare words that are one CLIP token each: one of them holds the placeholder's slot while a prompt is
+# tokenised (the published "*s" is two tokens), the first that does not occur in the prompt itself.
+MARKERS = ("sks", "ohwx", "zwx", "xqx")
+
 
 def _activation(mlp):
     return getattr(mlp, "activation_fn", None) or mlp.activation

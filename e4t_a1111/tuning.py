@@ -21,7 +21,6 @@ from e4t import backbone_state, tensors_sha256
 from . import host, store
 from .host import E4TError
 
-MARKERS = ("sks", "ohwx", "zwx", "xqx")      # a rare word that is one CLIP token holds w during tuning
 
 
 def image_tensor(image) -> torch.Tensor:
@@ -64,7 +63,7 @@ def text_encoder(sd_model, device):
     """text_encode(prompts, words) for e4t.tune: the webui's CLIP, w at the marker, CLIP skip applied."""
     from modules import sd_hijack
     tokenizer, tm = host.text_model(sd_model)
-    marker = next((w for w in MARKERS if len(host.token_ids(sd_model, w)) == 1), None)
+    marker = next((w for w in e4t.MARKERS if len(host.token_ids(sd_model, w)) == 1), None)
     if marker is None:
         raise E4TError("no one-token marker word in this CLIP vocabulary")
     marker_id = host.token_ids(sd_model, marker)[0]

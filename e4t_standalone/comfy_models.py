@@ -128,11 +128,10 @@ def in_place_residuals() -> bool:
 class SD1:
     """An SD1.x model as ComfyUI builds it, with the callables the engine's `tune` and `pretrain` take."""
 
-    MARKER = "sks"   # a one-token word that holds the placeholder's slot
 
     def __init__(self, model, clip, vae, device):
         import comfy.model_base
-        from e4t import WordInjector, alphas_cumprod_of
+        from e4t import MARKERS, WordInjector, alphas_cumprod_of
 
         self.model, self.clip, self.vae, self.device = model, clip, vae, torch.device(device)
         self.unet = model.model.diffusion_model.to(self.device)
@@ -140,7 +139,8 @@ class SD1:
         self.injector = WordInjector(self.text_model)
         with torch.inference_mode(False):   # differentiable copies; the loaded CLIP stays as it is
             self.text_weights = {k: v.detach().to(self.device).clone() for k, v in self.injector.named_parameters()}
-        self.marker = self.word_id(self.MARKER)
+        self.marker_word = MARKERS[0]   # prompts here are the pretraining templates: no clash
+        self.marker = self.word_id(self.marker_word)
         self.prediction = "v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps"
         self.alphas_cumprod = alphas_cumprod_of(model.model.model_sampling)
 
@@ -170,7 +170,7 @@ class SD1:
     def text_encode_for(self, placeholder: str):
         """(prompts, words) -> (b, 77, d), each word at the prompt's placeholder; differentiable in words."""
         def encode(prompts, words):
-            rows = [self.ids(p.replace(placeholder, f" {self.MARKER} ")) for p in prompts]
+            rows = [self.ids(p.replace(placeholder, f" {self.marker_word} ")) for p in prompts]
             ids = torch.tensor(rows, device=self.device)
             position = (ids == self.marker).int().argmax(dim=1)
             return torch.func.functional_call(self.injector, self.text_weights, (ids, words.to(self.device), position))

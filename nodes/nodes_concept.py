@@ -5,7 +5,7 @@ import folder_paths
 
 from .. import e4t as engine
 from . import folders
-from .model import E4T
+from .nodes_load import E4TLoader
 
 CONCEPTS = "concepts"
 
@@ -45,4 +45,4 @@ class E4TLoadConcept:
     DESCRIPTION = "Loads a saved concept; Apply E4T then needs no image."
 
     def load(self, concept):
-        return (E4T(engine.load(folders.full_path(concept)), concept),)
+        return E4TLoader().load(concept)

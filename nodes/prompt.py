@@ -8,7 +8,8 @@ import collections
 
 import torch
 
-MARKERS = ("sks", "ohwx", "zwx", "xqx")
+from ..e4t import MARKERS
+
 
 
 def _ids(clip, text):
