@@ -68,9 +68,12 @@ class LegacyRegistry:
         self.items.append((context.detach().cpu(), prompt))
 
     def find(self, context: torch.Tensor):
+        """The prompt whose base context this (tokens, d) row is; batched conds may repeat it to a
+        common length (ComfyUI repeats contexts to the least common multiple of their lengths)."""
         row = context.detach().cpu()
         for ctx, prompt in reversed(self.items):
-            if ctx.shape[1:] == row.shape and torch.equal(ctx[0].to(row.dtype), row):
+            n = ctx.shape[1]
+            if row.shape[0] % n == 0 and row.shape[1] == ctx.shape[2] and torch.equal(ctx[0].to(row.dtype), row[:n]):
                 return prompt
         return None
 
