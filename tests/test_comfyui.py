@@ -165,3 +165,11 @@ def test_embedding_plot_after_sampling(host):
     g["eplot_cap"] = {"class_type": "TestCapture", "inputs": {"images": ["eplot", 0], "key": "eplot"}}
     host.run(g)
     assert CAPTURED["eplot"].dim() == 4 and CAPTURED["eplot"].shape[-1] == 3 and CAPTURED["eplot"].std() > 0
+
+
+def test_refinement_with_a_long_negative_prompt(host, monkeypatch):
+    """A multi-chunk negative makes ComfyUI repeat the positive context to a common length when batching."""
+    rec = Recorder(monkeypatch)
+    host.run(graph(negative=", ".join(["blurry lowres deformed"] * 30), key="long_negative"))
+    assert len(rec.words) == 4
+    assert all(ctx.shape[1] > 77 and ctx.shape[1] % 77 == 0 for _, ctx in rec.contexts)
