@@ -28,7 +28,8 @@ def main(argv=None):
     ev.add_argument("--prompts", help="CSV with columns image,prompt (else read from the images' metadata)")
     ev.add_argument("--placeholder", default="*s")
     ev.add_argument("--domain-word", default="", help="put this word where the placeholder was (default: drop it)")
-    ev.add_argument("--face-model", help="TorchScript face-recognition model (112x112 input) for identity")
+    ev.add_argument("--face-model", help="TorchScript face-recognition model (112x112 input) for identity; "
+                                         "TorchScript can run code: use only files you trust")
     ev.add_argument("--out", default="e4t_eval.csv")
     ev.add_argument("--plot", default="e4t_eval.png")
     pre = sub.add_parser("pretrain", help="domain pre-training of encoder heads and offsets on an image folder",

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -120,10 +121,11 @@ def build_encoder(cfg: EncoderConfig, state: dict) -> Encoder:
 
 
 def tensors_sha256(state: dict) -> str:
-    """A hash of tensors by name, shape and fp32 value: equal hashes prove equal weights."""
+    """A hash of tensors by name, shape and fp16 value (the precision E4T files and hosts keep a backbone
+    in): equal hashes prove the weights equal at that precision."""
     h = hashlib.sha256()
     for key in sorted(state):
-        t = state[key].detach().to("cpu", torch.float32).contiguous()
+        t = state[key].detach().to("cpu", torch.float16).contiguous()
         h.update(f"{key}:{list(t.shape)};".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
@@ -215,6 +217,9 @@ def load_published(folder: str) -> E4TWeights:
         unet_sd = load_pickled_state_dict(os.path.join(folder, "unet.pt"))
         off_sd = {k: v for k, v in unet_sd.items() if ".wo_" in k}
         extra["unet_diffusers"] = {k: v for k, v in unet_sd.items() if ".wo_" not in k}
+        warnings.warn(f"{folder}/unet.pt: its offsets are used; its tuned U-Net weights (diffusers layout, "
+                      f"{len(extra['unet_diffusers'])} tensors) are not applied: re-tune the concept with this "
+                      f"extension to get a concept file with its U-Net changes")
     else:
         raise E4TFileError(f"{folder}: neither weight_offsets.pt nor unet.pt found")
     if os.path.exists(os.path.join(folder, "text_encoder.pt")):

@@ -6,6 +6,7 @@ layer-normed final CLS plus the *raw* final-layer patch tokens at odd indices (o
 behaviour, reproduced here by hand so any open_clip release gives the same numbers), and heads
 `unet_feature_embedder`, `feature_linear`, `first_linears[i]`, `final_linear`.
 """
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -155,8 +156,9 @@ class FoldedEncoder(nn.Module):
         self.register_buffer("image_term", torch.einsum("bni,noi->bo", h, weight) / weight.shape[0]
                              + bias.mean(0) + lin.bias.float() @ mean_first.T)               # (b, d)
         self.register_buffer("u_matrix", mean_first @ lin.weight[:, d:].float())             # (d, d)
-        self.unet_feature_embedder = encoder.unet_feature_embedder
-        self.final_linear = encoder.final_linear
+        # fp32 copies: the folded head is moved and cast by hosts without touching the encoder it came from
+        self.unet_feature_embedder = copy.deepcopy(encoder.unet_feature_embedder).float()
+        self.final_linear = copy.deepcopy(encoder.final_linear).float()
 
     def forward(self, unet_maps) -> torch.Tensor:
         pooled = torch.cat([m.float().mean(dim=(2, 3)) for m in unet_maps], dim=-1)

@@ -76,6 +76,8 @@ def _atomic_torch_save(obj, path):
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -113,12 +115,12 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
     os.makedirs(out_dir, exist_ok=True)
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     rng = random.Random(cfg.seed + rank)
-    enc = trainable_heads(encoder)
-    offs = offsets.float().requires_grad_(True).train()
+    enc = trainable_heads(encoder, device)
+    offs = offsets.to(device).float().requires_grad_(True).train()
     params = enc.heads() + list(offs.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     acp = alphas_cumprod.to(device, torch.float32)
-    objective = Objective(unet, enc, offs, trainable_weights(unet, set()), text_encode,
+    objective = Objective(unet, enc, offs, trainable_weights(unet, set(), float32=autocast_dtype is None), text_encode,
                           e_domain.detach().to(device, torch.float32).clone(), empty_context.detach().to(device).clone(),
                           acp, domain.scale, cfg.prediction, cfg.regularizer, cfg.reg_lambda, cfg.checkpointing,
                           autocast_dtype)
@@ -133,6 +135,11 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
         torch.set_rng_state(state["torch"][rank])
         start = int(state["step"])
     log = os.path.join(out_dir, "loss.csv")
+    if rank == 0 and resume and os.path.exists(log):   # drop rows logged after the checkpoint resumed from
+        with open(log, newline="") as f:
+            rows = [r for r in csv.reader(f)]
+        with open(log, "w", newline="") as f:
+            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= start])
     progress = Progress(cfg.steps, start)
 
     def weights():

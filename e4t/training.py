@@ -45,6 +45,21 @@ def checkpointed(unet: nn.Module, enabled: bool):
 
 
 @contextmanager
+def computing_in(unet: nn.Module, dtype):
+    """CompVis U-Nets cast their input to `unet.dtype`; without autocast, training runs in fp32 on fp32
+    copies of the weights, so that attribute says fp32 for the duration (restored afterwards)."""
+    old = getattr(unet, "dtype", None)
+    if dtype is None or not isinstance(old, torch.dtype):
+        yield
+        return
+    unet.dtype = dtype
+    try:
+        yield
+    finally:
+        unet.dtype = old
+
+
+@contextmanager
 def training_mode(unet: nn.Module, clone_norm_inputs: bool = False):
     """Autograd on even inside a host's inference mode. clone_norm_inputs: for U-Nets whose transformer
     blocks add residuals in place after a LayerNorm read its input (ComfyUI before 2025), which autograd
@@ -84,9 +99,11 @@ class Objective:
         Accumulates gradients over `accumulation` micro-batches with the full-batch loss; returns it."""
         from .encoder import ImageFeatures
 
-        acp, dtype, device = self.alphas_cumprod, unet_dtype(self.unet), x0.device
-        autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-        merged = {k: merge(self.weights[k], d) for k, d in self.offsets.deltas().items()}
+        acp, device = self.alphas_cumprod, x0.device
+        fp32 = self.autocast_dtype is None            # no autocast: everything in fp32 (weights are fp32 copies)
+        dtype = torch.float32 if fp32 else unet_dtype(self.unet)
+        autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=not fp32)
+        merged = {k: merge(self.weights[k].float(), d) for k, d in self.offsets.deltas().items()}   # fp32 leaves
         leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
         swap = self.weights | leaves
         # The diffusion term is a mean and the paper's regulariser a mean: each micro-batch carries its
@@ -96,7 +113,8 @@ class Objective:
         for mb in torch.arange(x0.shape[0]).split(x0.shape[0] // accumulation):
             feats = ImageFeatures(tokens=tokens if tokens.shape[0] == 1 else tokens[mb])
             xt = noisy(x0[mb], noise[mb], acp[t[mb]])
-            with substituted(self.unet, swap), checkpointed(self.unet, self.checkpointing):
+            with substituted(self.unet, swap), checkpointed(self.unet, self.checkpointing), \
+                    computing_in(self.unet, torch.float32 if fp32 else None):
                 with autocast:
                     e = self.encoder(feats, unet_features(self.unet, xt, t[mb], self.empty_context, dtype))
                     w = placeholder_word(self.e_domain, e.float(), self.scale)
@@ -112,9 +130,13 @@ class Objective:
         return total
 
 
-def trainable_weights(unet: nn.Module, trained: set) -> dict:
-    """fp32 trainable copies of the `trained` U-Net parameters; the rest as they are (cloned when they are
-    inference tensors, which autograd cannot save). The host's parameters are never modified."""
-    return {n: (p.detach().clone().float().requires_grad_() if n in trained
-                else (p.detach().clone() if p.is_inference() else p.detach()))
+def trainable_weights(unet: nn.Module, trained: set, float32: bool = False) -> dict:
+    """fp32 trainable copies of the `trained` U-Net parameters; the rest as they are, or fp32 copies when
+    training runs without autocast (`float32`), or clones of inference tensors (autograd cannot save
+    those). The host's parameters are never modified."""
+    def frozen(p):
+        if float32 and p.dtype != torch.float32:
+            return p.detach().float()
+        return p.detach().clone() if p.is_inference() else p.detach()
+    return {n: (p.detach().clone().float().requires_grad_() if n in trained else frozen(p))
             for n, p in unet.named_parameters()}

@@ -92,9 +92,13 @@ def augment(image, mask, resolution: int, generator: torch.Generator):
     return stack[:3], (None if mask is None else stack[3])
 
 
-def trainable_heads(encoder: Encoder) -> Encoder:
-    """A copy of the encoder with fp32 trainable heads; the frozen ViT backbone is shared, not copied."""
+def trainable_heads(encoder: Encoder, device=None) -> Encoder:
+    """A copy of the encoder with fp32 trainable heads on `device`; the frozen ViT backbone is shared,
+    not copied and not moved (image features are computed before training)."""
     enc = copy.deepcopy(encoder, memo={id(encoder.clip_vision): encoder.clip_vision})
+    for name, module in enc.named_children():
+        if name != "clip_vision":
+            module.to(device)
     for p in enc.heads():
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -150,11 +154,11 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     features = ImageFeatures(tokens=features.tokens.detach().clone())
 
     # Trainable copies: heads, offsets, chosen U-Net weights (fp32 masters); the host's stay untouched.
-    enc = trainable_heads(encoder)
-    offs = copy.deepcopy(offsets).float().requires_grad_(True).train()
+    enc = trainable_heads(encoder, device)
+    offs = copy.deepcopy(offsets).to(device).float().requires_grad_(True).train()
     base = {n: p.detach() for n, p in unet.named_parameters()}
     trained = set(_trained_names(unet, cfg.trains))
-    weights = trainable_weights(unet, trained)
+    weights = trainable_weights(unet, trained, float32=autocast_dtype is None)
     params = enc.heads() + list(offs.parameters()) + [weights[n] for n in sorted(trained)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")   # one kernel for all parameters on the GPU

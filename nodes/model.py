@@ -67,8 +67,9 @@ class E4T:
         if key not in self._features:
             enc = self.weights.encoder
             if enc.clip_vision.conv1.weight.is_meta:
-                raise E4TFileError(f"{self.name} carries no ViT backbone: connect the CLIP_VISION it was "
-                                   f"converted against, or leave IMAGE empty to use the saved concept")
+                raise E4TFileError(f"{self.name} carries no ViT backbone: in Apply E4T connect the CLIP_VISION it "
+                                   f"was converted against (or leave IMAGE empty for a saved concept); to tune, "
+                                   f"load E4T weights that include the backbone")
             comfy.model_management.load_models_gpu([self.vit_patcher()])
             with torch.no_grad():
                 self._features = {key: enc.image_features(image_to_engine(image)[None].to(device))}

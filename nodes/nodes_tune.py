@@ -13,7 +13,7 @@ from ..e4t import DomainConfig, E4TWeights, line_plot
 from ..e4t_standalone.comfy_models import in_place_residuals
 from .model import E4T, image_sha256, image_to_engine
 from .prompt import PlaceholderPrompt
-from .refine import apply_e4t, base_fingerprint, domain_token, text_model
+from .refine import apply_e4t, base_fingerprint, check_unet, domain_token, text_model
 
 
 def _n_layers(clip, tm):
@@ -23,10 +23,18 @@ def _n_layers(clip, tm):
     return (len(tm.encoder.layers) + idx + 1) if idx < 0 else idx + 1
 
 
+def _autocast_dtype(device):
+    """bf16 autocast on GPUs that have it, fp16 on older CUDA GPUs; elsewhere fp32 training."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _send(event, data):
+    """To the client that queued the prompt (progress of the tune node in web/e4t.js)."""
     try:
         from server import PromptServer
-        PromptServer.instance.send_sync(event, data)
+        PromptServer.instance.send_sync(event, data, PromptServer.instance.client_id)
     except (ImportError, AttributeError):
         pass
 
@@ -75,16 +83,19 @@ class E4TPersonalize:
                                 trains=trains, accumulation=accumulation, checkpointing=memory == "low_vram",
                                 resolution=resolution,
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
-        work = model.get_non_dynamic_delegate() if getattr(model, "is_dynamic", lambda: False)() else model
-        comfy.model_management.load_models_gpu([work, clip.patcher])
+        check_unet(model)
+        # Dynamic VRAM patches weights per call: training needs weights with the patches baked in.
+        work, clip_work = (p.get_non_dynamic_delegate() if getattr(p, "is_dynamic", lambda: False)() else p
+                           for p in (model, clip.patcher))
+        comfy.model_management.load_models_gpu([work, clip_work])
         device = work.load_device
         unet = work.model.diffusion_model
-        tm = text_model(clip.cond_stage_model)
+        tm = text_model(clip_work.model)
         placeholder = e4t.config.placeholder
 
         with torch.inference_mode(False):
             injector = engine.WordInjector(tm, _n_layers(clip, tm))
-            text_weights = {k: v.detach().clone() for k, v in injector.named_parameters()}
+            text_weights = {k: v.detach().to(device).clone() for k, v in injector.named_parameters()}
         prompts = {}
 
         def text_encode(texts, words):
@@ -112,7 +123,9 @@ class E4TPersonalize:
         if mask is not None:
             m = mask[0] if mask.dim() == 3 else mask
             engine_mask = torch.nn.functional.interpolate(m[None, None].float(), size=image.shape[1:3], mode="bilinear")[0, 0]
-        e4t.weights.encoder.to(device)
+            if engine_mask.mean() < 0.01:
+                raise ValueError("E4T Personalize: the MASK is (almost) empty, so nothing would be learned from the "
+                                 "image. Paint the face in the image's mask editor, or use E4T Face Mask.")
         training = hasattr(comfy.model_management, "in_training")      # newer ComfyUI: ops take autograd-safe paths
         if training:
             comfy.model_management.in_training = True
@@ -123,14 +136,13 @@ class E4TPersonalize:
                 empty_context=empty, alphas_cumprod=engine.alphas_cumprod_of(sampling),
                 scale=e4t.config.scale, placeholder=placeholder, cfg=cfg, mask=engine_mask, features=features,
                 progress=progress, should_stop=comfy.model_management.processing_interrupted,
-                autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                autocast_dtype=_autocast_dtype(device),
                 clone_norm_inputs=in_place_residuals())
         except engine.Interrupted:
             raise comfy.model_management.InterruptProcessingException()
         finally:
             if training:
                 comfy.model_management.in_training = False
-            e4t.weights.encoder.to("cpu")
 
         config = DomainConfig.from_json(asdict(e4t.config))
         config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": base_fingerprint(model),

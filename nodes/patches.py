@@ -39,6 +39,13 @@ if WeightAdapterBase is not None:
             return (w + function(strength * w * delta)).to(weight.dtype)
 
 
+def unpatched(model, key, state_dict):
+    """The base weight without any patch: clones share one module, and a loaded clone's patches stay
+    written into it (originals in the shared `backup`) until another clone loads."""
+    backup = getattr(model, "backup", {}).get(key)
+    return state_dict[key] if backup is None else getattr(backup, "weight", backup)
+
+
 def add_e4t_patches(model, deltas: dict, unet_delta: dict, strength: float) -> None:
     """Patch a MODEL clone: tuned U-Net delta (diff) then the offsets, both scaled by `strength`."""
     base = model.model_state_dict()
@@ -46,6 +53,10 @@ def add_e4t_patches(model, deltas: dict, unet_delta: dict, strength: float) -> N
     if missing:
         raise ValueError(f"E4T weights do not fit this model: it has no weight {missing[0]!r} ({len(missing)} "
                          f"missing). Is this an SD1.x model?")
+    for k, d in list(deltas.items()) + list(unet_delta.items()):
+        if tuple(d.shape) != tuple(base[PREFIX + k].shape):
+            raise ValueError(f"E4T weights are for SD1.x (768-wide text encoder): {k} is {list(base[PREFIX + k].shape)} "
+                             f"in this model, {list(d.shape)} in the E4T weights. Use an SD1.x checkpoint.")
     if unet_delta:
         model.add_patches({PREFIX + k: (v,) for k, v in unet_delta.items()}, strength)
     if WeightAdapterBase is not None:
@@ -53,7 +64,7 @@ def add_e4t_patches(model, deltas: dict, unet_delta: dict, strength: float) -> N
         return
     patches = {}
     for k, d in deltas.items():
-        w = base[PREFIX + k]
+        w = unpatched(model, PREFIX + k, base)
         w0 = w.float() + strength * unet_delta[k].float() if k in unet_delta else w.float()
         patches[PREFIX + k] = ((w0 * d).to(w.dtype),)
     model.add_patches(patches, strength)

@@ -15,7 +15,7 @@ import comfy.model_patcher
 
 from ..e4t import Refinement
 from .model import E4T
-from .patches import PREFIX, add_e4t_patches
+from .patches import PREFIX, add_e4t_patches, unpatched
 from .prompt import LEGACY, encode_tokens
 
 try:
@@ -31,8 +31,15 @@ def base_fingerprint(model) -> str:
     sd = model.model_state_dict()
     h = hashlib.sha256()
     for k in (PREFIX + "input_blocks.0.0.weight", PREFIX + "out.2.weight"):
-        h.update(sd[k].detach().to("cpu", torch.float16).numpy().tobytes())
+        h.update(unpatched(model, k, sd).detach().to("cpu", torch.float16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_unet(model):
+    channels = getattr(model.model.diffusion_model, "in_channels", 4)
+    if channels != 4:
+        raise ValueError(f"E4T needs a standard SD1.x model with 4 latent input channels; this one has {channels} "
+                         f"(an inpainting or instruct model?)")
 
 
 def domain_token(clip, word: str) -> int:
@@ -118,7 +125,8 @@ def _legacy_wrapper(state, inner):
         found = [(j, LEGACY.find(ctx[j * b])) for j, kind in enumerate(parts) if kind == 0] if ctx is not None else []
         found = [(j, p) for j, p in found if p is not None]
         if found:
-            comfy.model_management.load_model_gpu(state.clip.patcher)
+            if not any(getattr(m, "model", None) is state.clip.patcher for m in comfy.model_management.current_loaded_models):
+                comfy.model_management.load_model_gpu(state.clip.patcher)
             csm = state.clip.cond_stage_model
             chunks = list(ctx.split(b))
             for j, prompt in found:
@@ -134,6 +142,7 @@ def _legacy_wrapper(state, inner):
 
 def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_vision=None):
     """A MODEL clone with E4T's weights patched in and the refinement wrapper installed."""
+    check_unet(model)
     if clip_vision is not None:
         e4t.use_stock_backbone(clip_vision)
     fingerprint = e4t.config.concept.get("base_fingerprint")
@@ -141,7 +150,7 @@ def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_v
         logging.warning("E4T: concept %s was tuned on another base model; its U-Net changes may not fit this one",
                         e4t.name)
     features = e4t.features(image, comfy.model_management.get_torch_device())
-    folded = e4t.weights.encoder.float().fold(type(features)(tokens=features.tokens.float().cpu()))
+    folded = e4t.weights.encoder.fold(type(features)(tokens=features.tokens.float().cpu()))
     tm = text_model(clip.cond_stage_model)
     e_domain = tm.embeddings.token_embedding.weight[domain_token(clip, e4t.config.domain_word)].detach().float().cpu()
     state = RefineState(folded, clip, e_domain, e4t.config.scale, float(t_stop))

@@ -72,6 +72,30 @@ def test_unknown_keys_are_refused_with_a_clear_error(host):
         patches.add_e4t_patches(m, {"input_blocks.9.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 2)}, {}, 1.0)
 
 
+def test_offsets_computed_while_another_clone_is_patched(host):
+    """Clones share one module; a loaded clone's patches stay in it. New offsets must still scale the base."""
+    patches = pack_module("nodes.patches")
+    model = tiny_model(seed=6)
+    w0 = model.model.state_dict()[KEY].clone()
+    deltas = deltas_for(model)
+    d = deltas[KEY[len("diffusion_model."):]]
+    first = model.clone()
+    patches.add_e4t_patches(first, deltas, {}, 1.0)
+    first.patch_model()
+    second = model.clone()
+    patches.add_e4t_patches(second, deltas, {}, 0.5)
+    first.unpatch_model()
+    torch.testing.assert_close(patched_weight(second), w0 * (1 + 0.5 * d), rtol=1e-5, atol=1e-6)
+
+
+def test_sd2_shaped_weights_are_refused_clearly(host):
+    patches = pack_module("nodes.patches")
+    m = tiny_model().clone()
+    wrong = {KEY[len("diffusion_model."):]: torch.zeros(32, 40)}
+    with pytest.raises(ValueError, match="for SD1.x .* Use an SD1.x checkpoint"):
+        patches.add_e4t_patches(m, wrong, {}, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     """LowVramPatch runs comfy.lora.calculate_weight per layer call on the weight in its compute

@@ -173,3 +173,14 @@ def test_refinement_with_a_long_negative_prompt(host, monkeypatch):
     host.run(graph(negative=", ".join(["blurry lowres deformed"] * 30), key="long_negative"))
     assert len(rec.words) == 4
     assert all(ctx.shape[1] > 77 and ctx.shape[1] % 77 == 0 for _, ctx in rec.contexts)
+
+
+def test_an_empty_mask_is_refused_with_what_to_do(host):
+    import nodes
+    loader = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]()
+    model, clip, vae = loader.load("tiny")
+    e4t_obj = nodes.NODE_CLASS_MAPPINGS["E4TLoader"]().load("tiny-face/")[0]
+    image, _ = nodes.NODE_CLASS_MAPPINGS["TestImage"]().make("x")
+    with pytest.raises(ValueError, match="mask editor"):
+        nodes.NODE_CLASS_MAPPINGS["E4TPersonalize"]().personalize(
+            model, clip, vae, e4t_obj, image, 1, 2, 1e-3, 1e-4, 0, "all", "fast", 64, mask=torch.zeros(1, 80, 72))

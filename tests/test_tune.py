@@ -186,3 +186,15 @@ def test_varied_augmentation_encodes_all_crops_once(model, clip, vae, encoder):
     e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(steps=3, batch_size=4, resolution=64,
                                                           augmentation="varied", n_augmentations=3), **kw)
     assert seen == [3]
+
+
+def test_an_fp16_unet_tunes_without_autocast(model, clip, vae, encoder):
+    """Hosts without CUDA autocast (CPU, Apple MPS) may hold fp16 weights: training then runs in fp32 copies."""
+    import copy
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    unet16 = copy.deepcopy(unet).half()
+    unet16.dtype = torch.float16                     # as ComfyUI builds an fp16 model
+    before = {k: v.clone() for k, v in unet16.state_dict().items()}
+    result = e4t.tune(unet16, encoder, offsets, image, cfg=TuneConfig(steps=2, batch_size=2, resolution=64), **kw)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert unet16.dtype == torch.float16 and all(torch.equal(v, before[k]) for k, v in unet16.state_dict().items())
