@@ -69,3 +69,22 @@ def test_a_folder_without_images_is_refused(tmp_path, capsys):
     assert run(str(tmp_path / "empty"), tmp_path / "out", 2) == 2
     assert "no images" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_with_torchrun(data, tmp_path):
+    """Multi-process data parallel through torchrun (gloo on the CPU): gradients are averaged, rank 0 writes."""
+    import shutil
+    import subprocess
+    import sys
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    out = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "e4t", "pretrain", "--tiny", "--device", "cpu",
+                          "--data", data, "--domain-word", "cat", "--out", str(tmp_path), "--steps", "2", "--batch",
+                          "2", "--save-every", "2", "--sample-every", "100", "--sample-steps", "2"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("wrote checkpoints") == 1                    # rank 0 only
+    assert e4t.load(str(tmp_path / "e4t-000002.safetensors")).config.domain_word == "cat"
