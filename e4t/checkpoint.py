@@ -249,11 +249,16 @@ def save(weights: E4TWeights, path: str, dtype: str = "fp16", include_backbone: 
     if weights.concept_image is not None:
         tensors["concept.image"] = weights.concept_image.detach().to("cpu", torch.uint8).contiguous()
     meta = {"e4t": json.dumps({"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE, **asdict(cfg)})}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=folder)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def atomic_write(path: str, write):
+    """write(tmp) into a temporary file beside `path`, flushed to disk, then renamed over `path`:
+    readers see the old file or the whole new one, never half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -11,14 +11,13 @@ import csv
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
-from .checkpoint import DomainConfig, E4TFileError, E4TWeights, save
+from .checkpoint import DomainConfig, E4TFileError, E4TWeights, atomic_write, save
 from .encoder import Encoder
 from .offsets import Offsets
 from .training import Objective, trainable_weights, training_mode
@@ -69,19 +68,6 @@ def load_image(path: str) -> torch.Tensor:
         rgb = im.convert("RGB")
         x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1
-
-
-def _atomic_torch_save(obj, path):
-    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class Progress:
@@ -205,7 +191,7 @@ def _checkpoint(out_dir, step, weights, enc, offs, opt, states):
     """`e4t-<step>.safetensors` (fp32, loadable by both hosts) and `state.pt` to resume from, atomically."""
     save(weights, os.path.join(out_dir, f"e4t-{step:06d}.safetensors"), dtype="fp32")
     heads = {k: v for k, v in enc.state_dict().items() if not k.startswith("clip_vision.")}
-    _atomic_torch_save({"step": step, "heads": heads, "offsets": offs.state_dict(), "optimizer": opt.state_dict(),
-                        "generator": [g for g, _, _ in states], "random": [r for _, r, _ in states],
-                        "torch": [t for _, _, t in states], "config": asdict(weights.config)},
-                       os.path.join(out_dir, "state.pt"))
+    state = {"step": step, "heads": heads, "offsets": offs.state_dict(), "optimizer": opt.state_dict(),
+             "generator": [g for g, _, _ in states], "random": [r for _, r, _ in states],
+             "torch": [t for _, _, t in states], "config": asdict(weights.config)}
+    atomic_write(os.path.join(out_dir, "state.pt"), lambda tmp: torch.save(state, tmp))
