@@ -118,7 +118,7 @@ class Placeholder:
     """The placeholder word as a textual-inversion embedding of one vector, so the webui's own prompt
     path (AND, prompt editing, emphasis, CLIP skip, long prompts) puts `vec` at its position."""
 
-    def __init__(self, sd_model, name: str, vec: torch.Tensor):
+    def __init__(self, sd_model, name: str, vec: torch.Tensor, filename: str = None):
         from modules import sd_hijack
         from modules.textual_inversion.textual_inversion import Embedding
         self.db, self.sd_model, self.name = sd_hijack.model_hijack.embedding_db, sd_model, name
@@ -127,7 +127,16 @@ class Placeholder:
         self.previous = self.db.word_embeddings.get(name)       # a user embedding of the same name
         self.embedding = Embedding(vec.reshape(1, -1), name)
         self.embedding.vectors, self.embedding.shape = 1, vec.numel()
+        self.embedding.filename = filename     # the extra-networks card reads it (None breaks the TI page)
         self.db.register_embedding(self.embedding, sd_model)
+
+    def ensure(self):
+        """Register again if an embeddings reload (e.g. the extra-networks refresh) dropped it mid-job."""
+        if self.db.word_embeddings.get(self.name) is not self.embedding:
+            current = self.db.word_embeddings.get(self.name)
+            if current is not None:
+                self.previous = current
+            self.db.register_embedding(self.embedding, self.sd_model)
 
     def set(self, vec: torch.Tensor):
         self.embedding.vec = vec.reshape(1, -1)

@@ -120,14 +120,14 @@ class NormRun:
 class _Guard:
     """A pre-hook on the U-Net that raises a stored error, so a failed E4T setup fails the job."""
 
-    def __init__(self, unet):
-        self.error, self.handle = None, None
+    def __init__(self, unet, p):
+        self.error, self.handle, self.p = None, None, p
         self.handle = unet.register_forward_pre_hook(self._check)
 
     def _check(self, module, args):
         if self.error is not None:
             error, self.error = self.error, None
-            RUNTIME.stop()
+            RUNTIME.stop(self.p)
             raise error
 
     def remove(self):
@@ -143,7 +143,7 @@ class Session:
         host.check_model(sd_model)
         if getattr(p, "refiner_checkpoint_info", None) is not None:
             raise E4TError("E4T cannot follow a refiner checkpoint switch; turn the refiner off")
-        if getattr(p, "enable_hr", False) and getattr(p, "hr_checkpoint_info", None) is not None:
+        if getattr(p, "enable_hr", False) and getattr(p, "hr_checkpoint_name", None) not in (None, "", "Use same checkpoint"):
             raise E4TError("E4T cannot follow a hires-fix checkpoint switch; use the same checkpoint for hires fix")
         self.p, self.sd_model, self.unet = p, sd_model, host.unet(sd_model)
         self.concept = c = concept(concept_name)
@@ -156,11 +156,12 @@ class Session:
         try:
             e_domain = host.input_embedding(sd_model, host.single_token(sd_model, c.config.domain_word))
             self.e_domain = e_domain = e_domain.to(self.device)
-            self.refinement = e4t.Refinement(c.folded.to(self.device), e_domain, host.empty_context(sd_model),
-                                             c.config.scale, self.t_stop)
+            # the empty context is encoded in begin_pass, after this job's extra networks are active
+            self.refinement = self._core = e4t.Refinement(c.folded.to(self.device), e_domain, None, c.config.scale,
+                                                          self.t_stop)
             storage = torch.device("cpu") if host.low_vram(sd_model) else self.device
             self.hooks = WeightHooks(self.unet, c.deltas, c.unet_delta, self.strength, storage=storage).apply()
-            self.placeholder = host.Placeholder(sd_model, c.placeholder, e_domain)
+            self.placeholder = host.Placeholder(sd_model, c.placeholder, e_domain, filename=c.path)
             host.clear_cond_caches(p)
         except BaseException:
             self.close()
@@ -193,6 +194,7 @@ class Session:
             args = (p.prompts, p.firstpass_steps, None, p.width, p.height)
         self.pass_prompts = PassPrompts(*args, self.placeholder_text)
         self.runs.append(NormRun(int(getattr(p, "iteration", 0) or 0), bool(getattr(p, "is_hr_pass", False))))
+        self._core.empty_context = host.empty_context(self.sd_model)        # this job's LoRA on the text encoder
         self.refinement.reset()
         self._cache = {}
 
@@ -232,9 +234,13 @@ class Session:
         if key not in self._cache:
             texts = prompt_parser.SdConditioning([text for _, text in self.pass_prompts.schedules[index]],
                                                  copy_from=self.pass_prompts.sd_prompts)
+            self.placeholder.ensure()                   # an embeddings reload may have dropped it
             self.placeholder.set(words[image])
-            with devices.autocast():
-                self._cache[key] = self.sd_model.get_learned_conditioning(texts)
+            try:
+                with devices.autocast():
+                    self._cache[key] = self.sd_model.get_learned_conditioning(texts)
+            finally:                                    # other encodes (hires, negative, cache misses) see e_domain
+                self.placeholder.set(self.e_domain)
         return self._cache[key]
 
     def close(self):
@@ -255,65 +261,145 @@ def _fit_tokens(cond: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 class Runtime:
-    """The one E4T job in flight (the webui runs jobs one at a time)."""
+    """The E4T jobs in flight, keyed by their processing object `p`. The webui runs one job at a time,
+    but a job may run another inside it (ADetailer's inner img2img): each job gets only its own session
+    (the denoiser callback checks `params.denoiser.p`), and a nested job suspends the outer session's
+    weight hooks until it is closed."""
 
     def __init__(self):
-        self.session, self.guard = None, None
+        self.sessions = {}                     # id(p) -> (p, Session or None, _Guard)
+        self.suspended = []                    # outer sessions whose hooks a nested job took off
+
+    @property
+    def session(self):
+        """The innermost active session (None when no E4T job runs)."""
+        for _, session, _ in reversed(list(self.sessions.values())):
+            if session is not None:
+                return session
+        return None
+
+    def _entry(self, p):
+        entry = self.sessions.get(id(p))
+        return entry if entry is not None and entry[0] is p else None
+
+    def before_process(self, p):
+        """A job starts: a session still open for another job belongs to an outer job running this one
+        (leftovers of failed jobs are closed by `p.close`): take its weight hooks off for now."""
+        self.stop(p)
+        for outer_p, session, _ in self.sessions.values():
+            if session is not None and session.hooks is not None and session.hooks.active:
+                session.hooks.remove()
+                self.suspended.append((p, session))
+        self._watch_close(p)
+
+    def _watch_close(self, p):
+        """`p.close()` runs even when the job failed (txt2img/img2img/API use `closing(p)`): clean up there."""
+        if getattr(p, "_e4t_close_wrapped", False):
+            return
+        original = p.close
+
+        def close(*args, **kwargs):
+            try:
+                self.stop(p)
+            except Exception:
+                log.exception("E4T: cleaning up after the job failed")
+            return original(*args, **kwargs)
+        p.close, p._e4t_close_wrapped = close, True
 
     def start(self, p, concept_name, strength, t_stop):
         from modules import shared
-        self.stop()
+        self.stop(p)
+        self._watch_close(p)
         if host.is_forge():
             raise E4TError(host.FORGE_MESSAGE)
-        self.guard = _Guard(host.unet(shared.sd_model))
+        guard = _Guard(host.unet(shared.sd_model), p)
+        self.sessions[id(p)] = (p, None, guard)
         try:
-            self.session = Session(p, concept_name, strength, t_stop)
-            p.extra_generation_params.update(self.session.infotext())
-            fingerprint = self.session.concept.config.concept.get("base_fingerprint")
-            if fingerprint and fingerprint != host.base_fingerprint(self.session.unet):
+            session = Session(p, concept_name, strength, t_stop)
+            self.sessions[id(p)] = (p, session, guard)
+            p.extra_generation_params.update(session.infotext())
+            fingerprint = session.concept.config.concept.get("base_fingerprint")
+            if fingerprint and fingerprint != host.base_fingerprint(session.unet):
                 p.comment(f"E4T: {concept_name} was tuned on another base checkpoint; its U-Net changes may not fit")
             prompts = list(p.all_prompts or []) + list(getattr(p, "all_hr_prompts", None) or [])
-            if not any(self.session.placeholder_text in text for text in prompts):
-                p.comment(f"E4T: no prompt contains the placeholder {self.session.placeholder_text}; "
+            if not any(session.placeholder_text in text for text in prompts):
+                p.comment(f"E4T: no prompt contains the placeholder {session.placeholder_text}; "
                           f"only the concept's U-Net weights apply")
         except Exception as err:
-            self.fail(err)
+            self.fail(p, err)
 
-    def fail(self, err: Exception):
-        """Undo everything and make the job's next U-Net call raise `err` (clear message in the UI)."""
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+    def fail(self, p, err: Exception):
+        """Undo `p`'s session and make its job's next U-Net call raise `err` (clear message in the UI)."""
+        entry = self._entry(p)
+        if entry is None:
+            return
+        _, session, guard = entry
+        if session is not None:
+            session.close()
+            self.sessions[id(p)] = (p, None, guard)
         if not isinstance(err, E4TError):
             log.exception("E4T failed")
             err = E4TError(f"{type(err).__name__}: {err}")
-        if self.guard is not None:
-            self.guard.error = err
+        guard.error = err
 
     def begin_pass(self, p):
-        if self.session is not None:
+        entry = self._entry(p)
+        if entry is not None and entry[1] is not None:
             try:
-                self.session.begin_pass(p)
+                entry[1].begin_pass(p)
             except Exception as err:
-                self.fail(err)
+                self.fail(p, err)
 
     def on_cfg_denoiser(self, params):
-        if self.session is not None and self.session.pass_prompts is not None:
+        p = getattr(params.denoiser, "p", None)
+        entry = self._entry(p) if p is not None else None
+        if entry is None:                      # not an E4T job (e.g. a job run inside one)
+            return
+        session = entry[1]
+        if session is not None and session.pass_prompts is not None:
             try:
-                self.session.on_cfg_denoiser(params)
+                session.on_cfg_denoiser(params)
             except Exception as err:
-                self.fail(err)
+                self.fail(p, err)
 
-    def norm_runs(self) -> list:
-        """The current job's NormRuns that have points (call before `stop`)."""
-        return [] if self.session is None else [run for run in self.session.runs if len(run)]
+    def norm_runs(self, p=None) -> list:
+        """The job's NormRuns that have points (call before `stop`)."""
+        entry = self._entry(p) if p is not None else None
+        session = entry[1] if entry is not None else (self.session if p is None else None)
+        return [] if session is None else [run for run in session.runs if len(run)]
 
-    def stop(self, *_):
-        if self.session is not None:
-            self.session.close()
-            self.session = None
-        if self.guard is not None:
-            self.guard.remove()
-            self.guard = None
+    def model_loaded(self, sd_model=None, *_):
+        """A checkpoint loaded while E4T jobs run: their hooks sit on a U-Net no longer used, so fail them
+        loudly (a guard on the new U-Net) rather than return images whose infotext claims E4T ran."""
+        for p, session, guard in list(self.sessions.values()):
+            if session is not None and sd_model is not None and hasattr(sd_model, "model"):
+                guard.remove()
+                guard = _Guard(host.unet(sd_model), p)
+                self.sessions[id(p)] = (p, session, guard)
+            if session is not None:
+                self.fail(p, E4TError("the checkpoint changed during the job (a refiner, hires-fix checkpoint "
+                                      "or another extension loaded a model); E4T cannot follow a model switch"))
+
+    def stop(self, p):
+        entry = self._entry(p)
+        if entry is not None:
+            del self.sessions[id(p)]
+            _, session, guard = entry
+            if session is not None:
+                session.close()
+            guard.remove()
+        keep = []
+        for inner_p, outer in self.suspended:          # a nested job ended: the outer session resumes
+            if inner_p is p:
+                if any(s is outer for _, s, _ in self.sessions.values()):
+                    outer.hooks.apply()
+            else:
+                keep.append((inner_p, outer))
+        self.suspended = keep
+
+    def stop_all(self, *_):
+        for p, _, _ in list(self.sessions.values()):
+            self.stop(p)
+        self.suspended = []
 
 RUNTIME = Runtime()

@@ -102,9 +102,14 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     if not re.fullmatch(r"[\w\- .]+(/[\w\- .]+)*", concept_name) or ".." in concept_name.split("/"):
         raise E4TError(f"give the concept a name of letters, digits, '-', '_' and '.' (sub-folders with '/'), "
                        f"not {concept_name!r}")
+    if any(part.startswith(".") for part in concept_name.split("/")):
+        raise E4TError(f"a concept name may not start with '.' (such files and folders are hidden): {concept_name!r}")
     out = os.path.join(store.folder(), concept_name + ".safetensors")
     if os.path.exists(out) and not overwrite:
         raise E4TError(f"{out} exists: choose another name or tick 'overwrite'")
+    if os.path.exists(out) and store.kind(out) != store.CONCEPT:
+        raise E4TError(f"{out} is not a concept (E4T weights or another file): 'overwrite' replaces concepts only; "
+                       f"choose another name")
     pixels = image_tensor(image)
     mask_t, mask_source = mask_tensor(mask, image.size), "uploaded"
     if mask_t is None and auto_mask and auto_mask != "none":
@@ -131,7 +136,11 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
             return sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x)).float()
 
         text_encode, marker = text_encoder(sd_model, device)
-        half = devices.dtype_unet if device.type != "cpu" and devices.dtype_unet != torch.float32 else None
+        half = None                          # mixed precision as the ComfyUI node: bf16 where the GPU has it,
+        if device.type == "cuda" and devices.dtype_unet != torch.float32:     # else fp16 (without loss
+            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16   # scaling)
+        elif device.type != "cpu" and devices.dtype_unet != torch.float32:
+            half = devices.dtype_unet
         result = e4t.tune(unet, encoder, weights.offsets.to(device), pixels, text_encode=text_encode,
                           vae_encode=vae_encode, e_domain=host.input_embedding(sd_model, token),
                           empty_context=host.empty_context(sd_model), alphas_cumprod=sd_model.alphas_cumprod.float(),

@@ -122,7 +122,7 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
              micro, seed, overwrite, auto_mask="none", checkpointing=False):
     """The Tune button (inside wrap_gradio_gpu_call: the webui's queue lock, progress and interrupt)."""
     from modules import shared
-    sampling.RUNTIME.stop()                          # nothing of a failed earlier job may stay on the U-Net
+    sampling.RUNTIME.stop_all()                      # nothing of a failed earlier job may stay on the U-Net
     state = shared.state
     cfg = e4t.preset(preset or "published", steps=int(steps), lr=float(lr), reg_lambda=float(reg),
                      batch_size=int(batch), resolution=int(resolution), trains=trains, accumulation=int(micro),
@@ -211,8 +211,18 @@ def script_ui(script, is_img2img):
                     "embedding is predicted again at every sampling step.")
     components = {"enabled": enabled, "concept": concept, "strength": strength, "t_stop": t_stop, "plot": plot}
     script.infotext_fields = [(components[k], INFOTEXT[k]) for k in INFOTEXT]         # not "plot": see INFOTEXT
+    # the Concept dropdown starts without a value: the webui's paste would call type(None)(name) and
+    # silently skip it, so its key returns the update itself
+    script.infotext_fields[list(INFOTEXT).index("concept")] = (concept, paste_concept)
     script.paste_field_names = list(INFOTEXT.values())
     return list(components.values())
+
+
+def paste_concept(params):
+    """Paste key of the Concept dropdown: the (already resolved) concept name as a gradio update."""
+    import gradio as gr
+    name = params.get(INFOTEXT["concept"])
+    return gr.update(value=name) if name else None
 
 
 def infotext_pasted(infotext, params):

@@ -9,7 +9,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+    sys.path.append(ROOT)          # after the webui's own folders: ours (scripts, tests, ...) must not shadow them
 
 from modules import script_callbacks, scripts  # noqa: E402
 
@@ -28,7 +28,7 @@ class E4TScript(scripts.Script):
         return ui.script_ui(self, is_img2img)
 
     def before_process(self, p, *args):
-        sampling.RUNTIME.stop()              # what a failed earlier job may have left
+        sampling.RUNTIME.before_process(p)   # a job inside an E4T job: the outer session steps aside
 
     def process(self, p, enabled=False, concept=None, strength=1.0, t_stop=0, plot=False, *args):
         if enabled:
@@ -40,14 +40,14 @@ class E4TScript(scripts.Script):
     def postprocess(self, p, processed, enabled=False, concept=None, strength=1.0, t_stop=0, plot=False, *args):
         try:
             if enabled and plot:
-                ui.add_norm_plots(processed, sampling.RUNTIME.norm_runs())
+                ui.add_norm_plots(processed, sampling.RUNTIME.norm_runs(p))
         finally:
-            sampling.RUNTIME.stop()
+            sampling.RUNTIME.stop(p)
 
 
 script_callbacks.on_cfg_denoiser(sampling.RUNTIME.on_cfg_denoiser, name="e4t")
 script_callbacks.on_ui_tabs(ui.tab, name="e4t")
 script_callbacks.on_ui_settings(ui.settings, name="e4t")
 script_callbacks.on_infotext_pasted(ui.infotext_pasted, name="e4t")
-script_callbacks.on_model_loaded(sampling.RUNTIME.stop, name="e4t")
-script_callbacks.on_script_unloaded(sampling.RUNTIME.stop, name="e4t")
+script_callbacks.on_model_loaded(sampling.RUNTIME.model_loaded, name="e4t")
+script_callbacks.on_script_unloaded(sampling.RUNTIME.stop_all, name="e4t")

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import traceback
+from contextlib import closing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXT_NAME = "e4t"
@@ -260,8 +261,11 @@ class Probe:
         self.cond_rows.append(dict(
             step=den.step, denoiser=type(den).__name__, cond=params.text_cond.clone(), static=static.clone(),
             uncond=params.text_uncond.clone(), static_uncond=static_uncond.clone(), x=params.x.clone(),
-            vec=None if session is None else session.placeholder.embedding.vec.clone(),
-            hr=bool(getattr(den.p, "is_hr_pass", False))))
+            vec=None if getattr(getattr(session, "refinement", None), "last", None) is None
+            else session.refinement.last.clone(),
+            held=None if session is None else session.placeholder.embedding.vec.clone(),
+            e_domain=None if session is None else session.e_domain.clone(),
+            hr=bool(getattr(den.p, "is_hr_pass", False)), job=id(den.p), hooks=hook_count()))
 
     def unet_inputs(self):
         """Pre-hooks on input_blocks[0] and time_embed[0]: (x, timestep embedding) of every call."""
@@ -341,7 +345,8 @@ def generate(prompt, e4t_args=(False, None, 1.0, 0), sampler="Euler", steps=3, n
         p = processing.StableDiffusionProcessingTxt2Img(**common, **kw)
     p.script_args = list(e4t_args)
     p.scripts = runner(e4t_args, probes, img2img)
-    res = processing.process_images(p)
+    with closing(p):                        # as txt2img/img2img/the API run a job: p.close() even on errors
+        res = processing.process_images(p)
     return p, res
 
 
@@ -397,6 +402,9 @@ def _swap_checks(rows, seen, n_images, placeholder_rows):
     vecs = [r["vec"] for r in rows]
     for a, b in zip(vecs, vecs[1:]):
         check(not torch.equal(a, b), "the predicted embedding did not change between steps")
+    for row in rows:     # after each re-encode the placeholder holds e_domain again (hires, negative, cache misses)
+        check(torch.equal(row["held"].flatten().float(), row["e_domain"].flatten().float()),
+              "the predicted embedding stayed in the placeholder after the re-encode")
     return {"calls": len(rows), "denoiser": rows[0]["denoiser"], "steps": [r["step"] for r in rows]}
 
 
@@ -609,6 +617,43 @@ def test_reencoding_matches_webui_prompt_path():
 
 
 @case()
+def test_nested_job_does_not_get_the_outer_session():
+    """A job run inside an E4T job (ADetailer's inner img2img) gets neither the outer prompt re-encoded
+    nor the outer concept's weight hooks, and the outer job's refinement goes on after it."""
+    import torch
+    from e4t_a1111 import sampling
+    hooks_before = hook_count()
+    inner = {}
+
+    def nested(p):
+        if inner:
+            return
+        inner["outer_session"] = sampling.RUNTIME.session
+        inner["outer_hooks"] = hook_count()
+        inner["p"], _ = generate("a photo of *s, outdoors", steps=2, img2img=True)
+        inner["after"] = hook_count()
+    ENV.probe.reset()
+    try:
+        outer_p, res = generate("a photo of *s", concept_args(), steps=3, probes=[ProbeScript(on_sampling=nested)])
+    finally:
+        ENV.probe.active = False
+    rows = ENV.probe.cond_rows
+    inner_rows = [r for r in rows if r["job"] == id(inner["p"])]
+    outer_rows = [r for r in rows if r["job"] == id(outer_p)]
+    check(inner_rows and outer_rows, f"denoiser calls: {len(inner_rows)} inner, {len(outer_rows)} outer")
+    for r in inner_rows:
+        check(torch.equal(r["cond"], r["static"]), "the nested job's conditioning was re-encoded by the outer session")
+        check(r["hooks"] == hooks_before + 1, f"the nested job ran with {r['hooks'] - hooks_before - 1} extra hooks "
+                                              f"(the outer concept's weight hooks)")   # +1: the outer job's guard
+    check(inner["after"] == inner["outer_hooks"], "the outer session's hooks were not restored after the nested job")
+    check(all(not torch.equal(r["cond"], r["static"]) for r in outer_rows), "the outer job was not refined after "
+                                                                            "the nested job")
+    check("E4T: tiny-concept" in res.info, "no E4T in the outer infotext")
+    check(sampling.RUNTIME.session is None and hook_count() == hooks_before, "state left after the jobs")
+    return {"inner_calls": len(inner_rows), "outer_calls": len(outer_rows)}
+
+
+@case()
 def test_offsets_stack_with_lora_and_are_removed():
     import torch
     import torch.nn.functional as F
@@ -718,6 +763,15 @@ def test_tune_inside_webui_saves_a_concept():
     finally:
         shared.state.interrupted = False
     check(not os.path.exists(os.path.join(ENV.e4t_dir, "tuned", "stopped.safetensors")), "an interrupted tune saved")
+    # 'overwrite' never replaces the E4T weights, and hidden names are refused
+    for bad, wanted in (("tiny-e4t", "is not a concept"), (".hidden/x", "may not start with '.'")):
+        try:
+            tuning.tune("tiny-e4t", image, None, "face", bad, e4t.preset("published", steps=1, batch_size=1,
+                        resolution=64), overwrite=True)
+        except tuning.E4TError as err:
+            check(wanted in str(err), f"unclear refusal for {bad!r}: {err}")
+        else:
+            raise AssertionError(f"tuning into {bad!r} was not refused")
     # the tuned concept samples
     _, res = generate("a photo of *s", concept_args(name="tuned/test"), steps=2)
     check("E4T: tuned/test" in res.info, "sampling with the tuned concept failed")
@@ -789,11 +843,23 @@ def test_tab_and_script_ui_build_and_infotext_restores():
                  "script_img2img_e4t_e4t_plot"):
         check(elem in ids, f"UI element {elem!r} missing")
     fields = {name for _, name in scripts.scripts_txt2img.infotext_fields if isinstance(name, str)}
-    check({"E4T enabled", "E4T", "E4T strength", "E4T t_stop"} <= fields, f"paste fields: {fields}")
+    check({"E4T enabled", "E4T strength", "E4T t_stop"} <= fields, f"paste fields: {fields}")
     plot_fields = [name for comp, name in scripts.scripts_txt2img.infotext_fields
                    if getattr(comp, "elem_id", None) == "script_txt2img_e4t_e4t_plot"]
     check(not plot_fields, f"'Plot the embedding' must not be restored from infotext: {plot_fields}")
     check("E4T" in scripts.scripts_txt2img.paste_field_names, "E4T not in send-to fields")
+    # the webui's real paste path (infotext_utils.connect_paste's paste_func) sets every E4T component
+    clicks = []
+
+    class Button:
+        def click(self, fn=None, **kwargs):
+            clicks.append(fn)
+    infotext_utils.connect_paste(Button(), list(scripts.scripts_txt2img.infotext_fields), None, None, "txt2img")
+    outputs = [comp for comp, _ in scripts.scripts_txt2img.infotext_fields]
+    updates = dict(zip([getattr(c, "elem_id", None) for c in outputs], clicks[0](ENV.last_info)))
+    pasted = {k: updates[f"script_txt2img_e4t_e4t_{k}"].get("value") for k in ("enabled", "concept", "strength", "t_stop")}
+    check(pasted["enabled"] is True and pasted["concept"] == "tiny-concept" and float(pasted["strength"]) == 1.0
+          and float(pasted["t_stop"]) == 0, f"the webui's paste set {pasted}")
     check("e4t_concept_dtype" in shared.opts.data_labels, "settings section missing")
     # paste: the infotext of an E4T image turns E4T on with its concept, strength and t_stop
     params = infotext_utils.parse_generation_parameters(ENV.last_info)

@@ -94,6 +94,10 @@ def test_reencoding_matches_webui_prompt_path(webui):
     details(webui, "test_reencoding_matches_webui_prompt_path")
 
 
+def test_nested_job_does_not_get_the_outer_session(webui):
+    details(webui, "test_nested_job_does_not_get_the_outer_session")
+
+
 def test_offsets_stack_with_lora_and_are_removed(webui):
     details(webui, "test_offsets_stack_with_lora_and_are_removed")
 
