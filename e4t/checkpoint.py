@@ -267,6 +267,18 @@ def atomic_write(path: str, write):
         raise
 
 
+def walk(root: str):
+    """os.walk following links, each real folder once (a link back up the tree would loop forever)."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        yield dirpath, dirnames, filenames
+
+
 def read_header(path: str) -> dict:
     """The `e4t` metadata of one of our files, without reading tensors."""
     from safetensors import safe_open

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .checkpoint import DomainConfig, E4TFileError, E4TWeights, atomic_write, save
+from .checkpoint import DomainConfig, E4TFileError, E4TWeights, atomic_write, save, walk
 from .encoder import Encoder
 from .offsets import Offsets
 from .training import Objective, trainable_weights, training_mode
@@ -53,7 +53,7 @@ class PretrainConfig:
 
 def image_files(folder: str) -> list:
     """Every jpg/png/webp below `folder`, sorted; a clear error when there is none."""
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(folder, followlinks=True)
+    files = sorted(os.path.join(d, f) for d, _, names in walk(folder)
                    for f in names if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise E4TFileError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) found, searched recursively; "

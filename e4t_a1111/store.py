@@ -48,7 +48,7 @@ def entries() -> dict:
     root, found = folder(), {}
     if not os.path.isdir(root):
         return found
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in e4t.walk(root):
         dirnames.sort()
         if "encoder.pt" in filenames and dirpath != root:
             found[os.path.relpath(dirpath, root).replace(os.sep, "/")] = dirpath

@@ -2,6 +2,8 @@
 import html
 import os
 
+import torch
+
 import e4t
 
 from . import host, sampling, store, tuning
@@ -141,6 +143,9 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
                                    auto_mask=auto_mask or "none")
     except e4t.Interrupted as err:
         return None, "", f"<p>{html.escape(str(err))}; no concept was saved.</p>"
+    except torch.cuda.OutOfMemoryError:
+        return None, "", ("<p>Out of GPU memory while tuning; no concept was saved. Tick <i>Gradient checkpointing</i>, "
+                          "raise <i>Micro-batches per step</i>, train only <i>attention</i>, or lower the batch size.</p>")
     plot = loss_plot(losses)
     concept = os.path.relpath(path, store.folder())[: -len(".safetensors")].replace(os.sep, "/")
     store.file_hash(path, concept)                  # into the webui's hash cache now, not at first use

@@ -3,6 +3,8 @@ import os
 
 import folder_paths
 
+from ..e4t import walk
+
 PACK_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "e4t")
 
 
@@ -18,7 +20,7 @@ def choices() -> list:
     """Our .safetensors files, and published folders (holding encoder.pt) as `name/`."""
     found = set(f for f in folder_paths.get_filename_list("e4t") if f.endswith(".safetensors"))
     for root in folder_paths.get_folder_paths("e4t"):
-        for dirpath, _, files in os.walk(root, followlinks=True):
+        for dirpath, _, files in walk(root):
             if "encoder.pt" in files and dirpath != root:
                 found.add(os.path.relpath(dirpath, root).replace(os.sep, "/") + "/")
     return sorted(found)

@@ -152,3 +152,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         e4t.save(weights, str(target))
     assert not target.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".e4t-")]
+
+
+def test_folder_walk_survives_a_link_cycle(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.safetensors").write_bytes(b"")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    found = [os.path.join(d, f) for d, _, files in e4t.walk(str(tmp_path)) for f in files]
+    assert found == [str(tmp_path / "a" / "x.safetensors")]
