@@ -22,7 +22,6 @@ sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
 import conftest  # noqa: E402,F401  (imports the engine as `e4t` without shadowing ComfyUI's `nodes`)
 import e4t  # noqa: E402
 import tiny_models as tm  # noqa: E402
-from e4t.offsets import Offset  # noqa: E402
 
 
 def sync(device):
@@ -75,21 +74,19 @@ class Setup:
             self.encoder = e4t.Encoder(cfg).eval()
             self.offsets = e4t.Offsets(e4t.targets(self.unet.state_dict()), identity=False)
         self.text = tm.text_model(self.clip).to(device)
-        self.injector = e4t.WordInjector(self.text)
-        with torch.inference_mode(False):
-            self.text_weights = {k: v.clone() for k, v in self.injector.named_parameters()}
+        self.encode_ids = e4t.WordInjector(self.text).on_copies(device)
         self.res = 64 if tiny else 512
         self.ids = torch.tensor([[t for t, _ in self.clip.tokenize("a photo of sks")["l"][0]]], device=device)
         self.pos = (self.ids[0] == 48136).nonzero()[0]
         self.empty_ids = torch.tensor([[t for t, _ in self.clip.tokenize("")["l"][0]]], device=device)
         with torch.no_grad():
-            self.empty = self.injector(self.empty_ids, None, torch.zeros(1, dtype=torch.long, device=device))
+            self.empty = self.encode_ids(self.empty_ids, None, torch.zeros(1, dtype=torch.long, device=device))
         self.e_domain = self.text.embeddings.token_embedding.weight[1710].detach().float()
         self.image = torch.rand(3, self.res, self.res, device=device) * 2 - 1
 
     def text_encode(self, prompts, words):
         ids = self.ids.expand(len(prompts), -1)
-        return torch.func.functional_call(self.injector, self.text_weights, (ids, words, self.pos.expand(len(prompts))))
+        return self.encode_ids(ids, words, self.pos.expand(len(prompts)))
 
     def vae_encode(self, images):
         return torch.randn(images.shape[0], 4, images.shape[2] // 8, images.shape[3] // 8, device=images.device)

@@ -58,3 +58,10 @@ class WordInjector(torch.nn.Module):
 
     def forward(self, tokens, word, position):
         return encode_with_word(self.text_model, tokens, word, position, self.n_layers)
+
+    def on_copies(self, device=None):
+        """(tokens, word, position) -> context, run on clones of the weights: differentiable in `word` even
+        where the host's weights are inference tensors (which autograd cannot save); the host's stay untouched."""
+        with torch.inference_mode(False):
+            weights = {k: v.detach().to(device).clone() for k, v in self.named_parameters()}
+        return lambda tokens, word, position: torch.func.functional_call(self, weights, (tokens, word, position))

@@ -136,9 +136,7 @@ class SD1:
         self.model, self.clip, self.vae, self.device = model, clip, vae, torch.device(device)
         self.unet = model.model.diffusion_model.to(self.device)
         self.text_model = clip.cond_stage_model.clip_l.transformer.text_model
-        self.injector = WordInjector(self.text_model)
-        with torch.inference_mode(False):   # differentiable copies; the loaded CLIP stays as it is
-            self.text_weights = {k: v.detach().to(self.device).clone() for k, v in self.injector.named_parameters()}
+        self.encode_ids = WordInjector(self.text_model).on_copies(self.device)
         self.marker_word = MARKERS[0]   # prompts here are the pretraining templates: no clash
         self.marker = self.word_id(self.marker_word)
         self.prediction = "v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps"
@@ -173,16 +171,17 @@ class SD1:
             rows = [self.ids(p.replace(placeholder, f" {self.marker_word} ")) for p in prompts]
             ids = torch.tensor(rows, device=self.device)
             position = (ids == self.marker).int().argmax(dim=1)
-            return torch.func.functional_call(self.injector, self.text_weights, (ids, words.to(self.device), position))
+            return self.encode_ids(ids, words.to(self.device), position)
         return encode
 
     @torch.no_grad()
     def empty_context(self):
         ids = torch.tensor([self.ids("")], device=self.device)
-        return torch.func.functional_call(self.injector, self.text_weights, (ids, None, torch.zeros_like(ids[:, 0])))
+        return self.encode_ids(ids, None, torch.zeros_like(ids[:, 0]))
 
     def e_domain(self, word: str):
-        return self.text_weights["text_model.embeddings.token_embedding.weight"][self.word_id(word)].detach().float()
+        from e4t import domain_embedding
+        return domain_embedding(self.text_model, self.word_id(word)).to(self.device)
 
     def vae_encode(self, images):
         """(b, 3, h, w) in [-1, 1] -> U-Net latents."""

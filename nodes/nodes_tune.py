@@ -93,15 +93,12 @@ class E4TPersonalize:
         tm = text_model(clip_work.model)
         placeholder = e4t.config.placeholder
 
-        with torch.inference_mode(False):
-            injector = engine.WordInjector(tm, _n_layers(clip, tm))
-            text_weights = {k: v.detach().to(device).clone() for k, v in injector.named_parameters()}
+        encode_ids = engine.WordInjector(tm, _n_layers(clip, tm)).on_copies(device)
         prompts = {}
 
         def text_encode(texts, words):
             ids, pos = zip(*(prompts.setdefault(t, PlaceholderPrompt(clip, t, placeholder)).first_chunk() for t in texts))
-            return torch.func.functional_call(injector, text_weights, (torch.stack(ids).to(device), words,
-                                                                       torch.tensor(pos, device=device)))
+            return encode_ids(torch.stack(ids).to(device), words, torch.tensor(pos, device=device))
 
         def vae_encode(images):
             with torch.inference_mode():
@@ -110,7 +107,7 @@ class E4TPersonalize:
 
         with torch.no_grad():
             empty_ids, _ = PlaceholderPrompt(clip, "", placeholder).first_chunk()
-            empty = injector(empty_ids[None].to(device), None, torch.zeros(1, dtype=torch.long, device=device))
+            empty = encode_ids(empty_ids[None].to(device), None, torch.zeros(1, dtype=torch.long, device=device))
         features = e4t.features(image, device)
         sampling = work.model.model_sampling
         pbar = comfy.utils.ProgressBar(steps)

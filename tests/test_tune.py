@@ -11,14 +11,12 @@ PLACEHOLDER = "*"   # one CLIP token (id 265)
 
 def text_encoder_fn(clip):
     """Differentiable: the host's CLIP weights are inference tensors, so it runs on clones of them."""
-    injector = e4t.WordInjector(text_model(clip))
-    with torch.inference_mode(False):
-        weights = {k: v.clone() for k, v in injector.named_parameters()}
+    encode_ids = e4t.WordInjector(text_model(clip)).on_copies()
 
     def encode(prompts, words):
         ids = [[t for t, _ in clip.tokenize(p)["l"][0]] for p in prompts]
         pos = [row.index(265) for row in ids]
-        return torch.func.functional_call(injector, weights, (torch.tensor(ids), words, torch.tensor(pos)))
+        return encode_ids(torch.tensor(ids), words, torch.tensor(pos))
     return encode
 
 
