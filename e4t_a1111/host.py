@@ -39,6 +39,10 @@ def check_model(sd_model):
     if getattr(sd_model, "cond_stage_key", "") == "edit" or sd_model.model.diffusion_model.in_channels != 4:
         raise E4TError("E4T needs a standard 4-channel SD 1.x checkpoint; inpainting and instruct-pix2pix "
                        "checkpoints are not supported")
+    from modules import sd_unet
+    if getattr(sd_unet, "current_unet", None) is not None:
+        raise E4TError("E4T works on the webui's own U-Net; an alternative SD U-Net (e.g. TensorRT) is selected: "
+                       "set Settings > Stable Diffusion > SD Unet to None to use E4T")
 
 
 def low_vram(sd_model) -> bool:
@@ -54,7 +58,8 @@ def unet_on_device(sd_model):
     its blocks directly would bypass: run those hooks first. (--lowvram hooks every block itself.)"""
     if low_vram(sd_model):
         for hook in list(sd_model.model._forward_pre_hooks.values()):
-            hook(sd_model.model, ())
+            if getattr(hook, "__name__", "") == "send_me_to_gpu":     # the webui's own; other extensions' hooks expect real inputs
+                hook(sd_model.model, ())
 
 
 def text_model(sd_model):
