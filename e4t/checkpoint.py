@@ -120,6 +120,11 @@ def build_encoder(cfg: EncoderConfig, state: dict) -> Encoder:
     return encoder.requires_grad_(False).eval()
 
 
+def pixels_sha256(pixels: torch.Tensor) -> str:
+    """The concept-image hash both hosts record in a concept file: of its (h, w, 3) uint8 pixels."""
+    return hashlib.sha256(pixels.to("cpu", torch.uint8).contiguous().numpy().tobytes()).hexdigest()
+
+
 def tensors_sha256(state: dict) -> str:
     """A hash of tensors by name, shape and fp16 value (the precision E4T files and hosts keep a backbone
     in): equal hashes prove the weights equal at that precision."""

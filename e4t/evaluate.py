@@ -37,7 +37,7 @@ def load_clip(config: str, weights: str):
     return model.eval(), tokenize
 
 
-def to_tensor(image) -> torch.Tensor:
+def pil_to_tensor(image) -> torch.Tensor:
     """PIL image -> (3, h, w) float in [0, 1]."""
     rgb = image.convert("RGB")
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255
@@ -106,7 +106,7 @@ def run(folder: str, concept_paths: list, clip_config: str, clip_weights: str, o
     images, prompts = {}, {}
     for name in files:
         with Image.open(os.path.join(folder, name)) as im:
-            images[name] = to_tensor(im)
+            images[name] = pil_to_tensor(im)
             prompts[name] = given.get(name) or prompt_of(name, im)
         if not prompts[name]:
             raise E4TFileError(f"{name}: no prompt: give --prompts CSV (columns image,prompt) or images saved by "
@@ -114,7 +114,7 @@ def run(folder: str, concept_paths: list, clip_config: str, clip_weights: str, o
     concepts = []
     for path in concept_paths:
         with Image.open(path) as im:
-            concepts.append(to_tensor(im))
+            concepts.append(pil_to_tensor(im))
     clip, tokenize = load_clip(clip_config, clip_weights)
     face = torch.jit.load(face_model, map_location="cpu").eval() if face_model else None
     rows = evaluate(images, prompts, concepts, clip, tokenize, placeholder, domain_word, face)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .checkpoint import DomainConfig, E4TFileError, E4TWeights, atomic_write, save, walk
 from .encoder import Encoder
+from .evaluate import pil_to_tensor
 from .offsets import Offsets
 from .training import Objective, trainable_weights, training_mode
 from .tune import TEMPLATES, augment, trainable_heads
@@ -65,9 +66,7 @@ def load_image(path: str) -> torch.Tensor:
     """(3, h, w) in [-1, 1]."""
     from PIL import Image
     with Image.open(path) as im:
-        rgb = im.convert("RGB")
-        x = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
-    return x.permute(2, 0, 1).float() / 127.5 - 1
+        return pil_to_tensor(im) * 2 - 1
 
 
 class Progress:

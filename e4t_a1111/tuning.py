@@ -7,7 +7,6 @@ as set), the VAE encoder the user selected, the noise schedule; and it saves the
 format the ComfyUI pack reads (`e4t.save`, concept tokens and image, tuned U-Net delta,
 `config.concept` with the image hash and the tune settings).
 """
-import hashlib
 import os
 import re
 from dataclasses import asdict, replace
@@ -25,8 +24,7 @@ from .host import E4TError
 
 def image_tensor(image) -> torch.Tensor:
     """PIL image -> (3, H, W) in [-1, 1]."""
-    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(a).permute(2, 0, 1) * 2 - 1
+    return e4t.pil_to_tensor(image) * 2 - 1
 
 
 def mask_tensor(mask, size) -> torch.Tensor | None:
@@ -56,7 +54,7 @@ def image_uint8(image) -> torch.Tensor:
 
 def image_sha256(image) -> str:
     """Of the (H, W, 3) uint8 pixels: the hash the ComfyUI pack records for a concept image."""
-    return hashlib.sha256(image_uint8(image).numpy().tobytes()).hexdigest()
+    return e4t.pixels_sha256(image_uint8(image))
 
 
 def text_encoder(sd_model, device):

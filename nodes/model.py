@@ -1,5 +1,4 @@
 """The E4T object that flows between nodes (type "E4T"): weights plus what is derived from them once."""
-import hashlib
 import logging
 
 import torch
@@ -7,7 +6,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 
-from ..e4t import E4TFileError, E4TWeights, ImageFeatures, backbone_state, tensors_sha256
+from ..e4t import E4TFileError, E4TWeights, ImageFeatures, backbone_state, pixels_sha256, tensors_sha256
 
 
 def image_to_engine(image: torch.Tensor) -> torch.Tensor:
@@ -15,8 +14,13 @@ def image_to_engine(image: torch.Tensor) -> torch.Tensor:
     return image[0].movedim(-1, 0).float() * 2 - 1
 
 
+def image_uint8(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE -> the first image's (h, w, 3) uint8 pixels."""
+    return (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def image_sha256(image: torch.Tensor) -> str:
-    return hashlib.sha256((image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes()).hexdigest()
+    return pixels_sha256(image_uint8(image))
 
 
 class E4T:

@@ -11,7 +11,7 @@ import comfy.utils
 from .. import e4t as engine
 from ..e4t import DomainConfig, E4TWeights, line_plot
 from ..e4t_standalone.comfy_models import in_place_residuals
-from .model import E4T, image_sha256, image_to_engine
+from .model import E4T, image_sha256, image_to_engine, image_uint8
 from .prompt import PlaceholderPrompt
 from .refine import apply_e4t, base_fingerprint, check_unet, domain_token, text_model
 
@@ -145,10 +145,9 @@ class E4TPersonalize:
         config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": base_fingerprint(model),
                           "source": e4t.name, "losses": result.losses, **{k: v for k, v in asdict(cfg).items()
                                                                            if k not in ("templates",)}}
-        pixels = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         tuned = E4T(_rounded(E4TWeights(config=config, encoder=result.encoder.cpu(), offsets=result.offsets.cpu(),
                                          unet_delta={k: v.cpu() for k, v in result.unet_delta.items()},
-                                         concept_tokens=features.tokens.detach().cpu(), concept_image=pixels)),
+                                         concept_tokens=features.tokens.detach().cpu(), concept_image=image_uint8(image))),
                     f"{e4t.name} + {hashlib.sha256(config.concept['image_sha256'].encode()).hexdigest()[:8]}")
         plot = line_plot(range(1, len(result.losses) + 1), result.losses, "E4T tuning loss", "step", "loss")
         return (apply_e4t(model, clip, tuned, None, 1.0, 0), tuned, plot[None])   # the saved tokens, as a reload uses

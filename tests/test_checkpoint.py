@@ -160,3 +160,9 @@ def test_folder_walk_survives_a_link_cycle(tmp_path):
     os.symlink(tmp_path, tmp_path / "a" / "loop")
     found = [os.path.join(d, f) for d, _, files in e4t.walk(str(tmp_path)) for f in files]
     assert found == [str(tmp_path / "a" / "x.safetensors")]
+
+
+def test_concept_image_hash_is_of_the_uint8_pixels():
+    import hashlib
+    pixels = torch.arange(24, dtype=torch.uint8).view(2, 4, 3)
+    assert e4t.pixels_sha256(pixels) == hashlib.sha256(bytes(range(24))).hexdigest()

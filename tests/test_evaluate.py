@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import e4t.__main__
-from e4t.evaluate import clip_pixels, evaluate, load_clip, to_tensor
+from e4t.evaluate import clip_pixels, evaluate, load_clip, pil_to_tensor
 
 TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
@@ -31,8 +31,8 @@ def image(seed, size=(40, 48)):
 def test_known_values_on_constructed_inputs(tmp_path):
     config, weights = tiny_clip_files(tmp_path)
     model, tokenize = load_clip(config, weights)
-    concept = to_tensor(image(1))
-    images = {"same.png": concept, "other.png": to_tensor(image(2))}
+    concept = pil_to_tensor(image(1))
+    images = {"same.png": concept, "other.png": pil_to_tensor(image(2))}
     rows = {r["image"]: r for r in evaluate(images, {"same.png": "a photo of *s", "other.png": "*s on the moon"},
                                             [concept], model, tokenize, domain_word="face")}
     assert abs(rows["same.png"]["identity_similarity"] - 1.0) < 1e-5          # an image is itself
