@@ -22,6 +22,7 @@ sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
 import conftest  # noqa: E402,F401  (imports the engine as `e4t` without shadowing ComfyUI's `nodes`)
 import e4t  # noqa: E402
 import tiny_models as tm  # noqa: E402
+from e4t_standalone import comfy_models  # noqa: E402
 
 
 def sync(device):
@@ -58,12 +59,19 @@ def flops(fn):
 
 
 class Setup:
-    def __init__(self, tiny, device, dtype):
+    """The models a host holds on `device`: U-Net and text encoder in the dtype ComfyUI loads SD1.5 in on a
+    GPU (fp16), the E4T encoder with its ViT-H backbone; the concept image's features computed once."""
+
+    def __init__(self, tiny, device, dtype, channels_last=False):
         self.device, self.dtype = device, dtype
-        tm.import_comfy()
-        self.model = tm.tiny_model(unet_config=tm.TINY_UNET if tiny else tm.SD15_UNET, device=str(device))
+        comfy_models.import_comfy(cpu=device.type != "cuda")
+        weights = torch.float16 if device.type == "cuda" else torch.float32
+        self.model = comfy_models.tiny_model(unet_config=tm.TINY_UNET if tiny else tm.SD15_UNET, device=str(device),
+                                             dtype=weights)
         self.clip = tm.tiny_clip(clip_config=tm.TINY_CLIP if tiny else tm.CLIP_L)
         self.unet = self.model.model.diffusion_model.to(device)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         channels = e4t.encoder.unet_feature_channels(self.unet.model_channels, self.unet.channel_mult, 2) \
             if hasattr(self.unet, "channel_mult") else None
         cfg = tm.tiny_encoder_config() if tiny else e4t.EncoderConfig()
@@ -73,7 +81,10 @@ class Setup:
         with torch.device(device):
             self.encoder = e4t.Encoder(cfg).eval()
             self.offsets = e4t.Offsets(e4t.targets(self.unet.state_dict()), identity=False)
-        self.text = tm.text_model(self.clip).to(device)
+        with torch.inference_mode():
+            self.text = tm.text_model(self.clip).to(device, weights)
+            e_domain = e4t.domain_embedding(self.text, 1710)
+        self.e_domain = e_domain.clone()            # a normal tensor, usable outside inference mode
         self.encode_ids = e4t.WordInjector(self.text).on_copies(device)
         self.res = 64 if tiny else 512
         self.ids = torch.tensor([[t for t, _ in self.clip.tokenize("a photo of sks")["l"][0]]], device=device)
@@ -81,8 +92,9 @@ class Setup:
         self.empty_ids = torch.tensor([[t for t, _ in self.clip.tokenize("")["l"][0]]], device=device)
         with torch.no_grad():
             self.empty = self.encode_ids(self.empty_ids, None, torch.zeros(1, dtype=torch.long, device=device))
-        self.e_domain = self.text.embeddings.token_embedding.weight[1710].detach().float()
         self.image = torch.rand(3, self.res, self.res, device=device) * 2 - 1
+        with torch.no_grad():
+            self.features = self.encoder.image_features(self.image[None])
 
     def text_encode(self, prompts, words):
         ids = self.ids.expand(len(prompts), -1)
@@ -91,15 +103,16 @@ class Setup:
     def vae_encode(self, images):
         return torch.randn(images.shape[0], 4, images.shape[2] // 8, images.shape[3] // 8, device=images.device)
 
-    def tune(self, steps, batch, memory, progress=None):
+    def tune(self, steps, batch, memory, trains="all", progress=None):
         low = memory == "low_vram"
         cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5, templates=("a photo of {}",),
-                             accumulation=4 if low and batch % 4 == 0 else 1, checkpointing=low)
+                             accumulation=4 if low and batch % 4 == 0 else 1, checkpointing=low, trains=trains)
         autocast = self.dtype if self.device.type == "cuda" else None
         return e4t.tune(self.unet, self.encoder, self.offsets, self.image, text_encode=self.text_encode,
                         vae_encode=self.vae_encode, e_domain=self.e_domain, empty_context=self.empty,
-                        alphas_cumprod=e4t.sd1_alphas_cumprod(), placeholder="sks", cfg=cfg,
-                        autocast_dtype=autocast, clone_norm_inputs=True, progress=progress)
+                        alphas_cumprod=e4t.sd1_alphas_cumprod(), placeholder="sks", cfg=cfg, features=self.features,
+                        autocast_dtype=autocast, clone_norm_inputs=comfy_models.in_place_residuals(),
+                        progress=progress)
 
 
 def reference_delta(off):
@@ -112,30 +125,33 @@ def reference_delta(off):
 def bench(args):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    s = Setup(args.tiny, device, dtype)
+    s = Setup(args.tiny, device, dtype, args.channels_last)
     rows = []
 
     # --- tuning: per-step times from one tune (the first step, which allocates, is left out) ---
-    for memory in ("fast", "low_vram"):
-        if "tune" not in args.parts:
-            continue
+    # The ViT backbone goes back to the CPU meanwhile, as a host's memory manager would offload it:
+    # the tune reads the image features computed once.
+    vit_home = next(s.encoder.clip_vision.parameters()).device
+    s.encoder.clip_vision.cpu()
+    for memory, trains in args.tunes if "tune" in args.parts else ():
         stamps = []
 
         def stamp(step, total, loss):
             sync(device)
             stamps.append(time.perf_counter())
-        s.tune(1, args.batch, memory)                                   # warm-up
+        s.tune(1, args.batch, memory, trains)                                   # warm-up
         sync(device)
         t0 = time.perf_counter()
-        s.tune(args.steps, args.batch, memory, progress=stamp)
+        s.tune(args.steps, args.batch, memory, trains, progress=stamp)
         total = stamps[-1] - t0
         per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-        count = flops(lambda: s.tune(2, args.batch, memory)) - flops(lambda: s.tune(1, args.batch, memory))
-        mem = peak_memory(device, lambda: s.tune(2, args.batch, memory))
-        rows.append((f"tune step, batch {args.batch}, {memory}", f"{per_step * 1e3:.1f} ms",
+        count = flops(lambda: s.tune(2, args.batch, memory, trains)) - flops(lambda: s.tune(1, args.batch, memory, trains))
+        mem = peak_memory(device, lambda: s.tune(2, args.batch, memory, trains))
+        rows.append((f"tune step, batch {args.batch}, {memory}, trains {trains}", f"{per_step * 1e3:.1f} ms",
                      f"{args.steps} steps: {total:.2f} s (incl. setup)",
                      f"{count / per_step / 1e12:.2f} TFLOP/s of {count / 1e12:.3f} TFLOP",
-                     "n/a (CPU)" if mem is None else f"{mem:.2f} GiB"))
+                     "n/a (CPU)" if mem is None else f"peak {mem:.2f} GiB"))
+    s.encoder.clip_vision.to(vit_home)
 
     if "sampling" in args.parts:
         rows += sampling(s, device, dtype, args)
@@ -223,12 +239,19 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load")
+    p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
+                   help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")
+    p.add_argument("--channels-last", action="store_true", help="U-Net weights in channels-last memory format")
     args = p.parse_args()
+    args.tunes = [tuple(pair.split(":")) for pair in args.tunes.split(",")]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     rows = bench(args)
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# E4T benchmark: {'tiny' if args.tiny else 'full-size'} models on {args.device} ({gpu}), torch {torch.__version__},"
           f" {torch.get_num_threads()} thread(s)")
+    from comfy.ldm.modules import attention
+    print(f"ComfyUI {comfy_models.comfy_root()}, attention: {attention.optimized_attention.__name__},"
+          f" U-Net {'channels-last' if args.channels_last else 'contiguous'}")
     print(f"command: python benchmarks/bench.py {' '.join(sys.argv[1:])}\n")
     print("| what | | | | |\n|---|---|---|---|---|")
     for row in rows:

@@ -144,10 +144,11 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
         raise ValueError(f"unknown augmentation {cfg.augmentation!r}: use 'published' or 'varied'")
     crops = [augment(image, mask, cfg.resolution, generator) for _ in range(n_crops)]
     with torch.no_grad():
-        latents = vae_encode(torch.stack([c for c, _ in crops]).to(device)).float()      # (n, 4, h, w)
+        latents = vae_encode(torch.stack([c for c, _ in crops]).to(device)).to(device, torch.float32)  # (n, 4, h, w)
     masks = None
     if mask is not None:
         masks = torch.stack([F.interpolate(m[None, None], size=latents.shape[-2:], mode="area")[0] for _, m in crops])
+        masks = masks.to(device)
     if features is None:
         with torch.no_grad():
             features = encoder.image_features(image[None].to(device))

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -52,7 +53,8 @@ def import_comfy(root=None, cpu=True):
         sys.path.append(root)
     import comfy.options
     import comfy.cli_args
-    comfy.cli_args.args.cpu = cpu
+    if "comfy.model_management" not in sys.modules:   # read once, at its import: the first caller decides
+        comfy.cli_args.args.cpu = cpu
     try:
         import utils.extra_config  # noqa: F401  (current trees: bind the top-level `utils` package first)
     except ImportError:
@@ -71,39 +73,78 @@ def _init(module: torch.nn.Module, seed: int):
             elif "norm" in name or name.split(".")[-2].startswith(("ln", "layer_norm", "final_layer_norm")):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * min(0.05, p[0].numel() ** -0.5 if p.dim() > 1 else 0.05))
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * min(0.05, p[0].numel() ** -0.5 if p.dim() > 1 else 0.05))
 
 
-def tiny_model(seed=0, unet_config=TINY_UNET, device="cpu"):
-    """A ComfyUI MODEL (ModelPatcher around an SD15 BaseModel), tiny by default (SD15_UNET: full size)."""
+@contextmanager
+def eager_weights():
+    """Modules built with their weights allocated. Under dynamic VRAM (ComfyUI 0.3x on a GPU) layers are
+    created empty and filled by load_state_dict, as from a file: random ones are made eagerly first."""
+    mm = sys.modules.get("comfy.memory_management")
+    lazy = bool(getattr(mm, "aimdo_enabled", False))
+    if lazy:
+        mm.aimdo_enabled = False
+    try:
+        yield lazy
+    finally:
+        if lazy:
+            mm.aimdo_enabled = True
+
+
+def tiny_model(seed=0, unet_config=TINY_UNET, device="cpu", dtype=torch.float32, load_device=None, dynamic=True):
+    """A ComfyUI MODEL (ModelPatcher around an SD15 BaseModel), tiny by default (SD15_UNET: full size).
+
+    Built on `device`; with `load_device` the host's own patcher class (dynamic VRAM where the host
+    enabled it, unless `dynamic` is False) moves it there when sampling, as for a checkpoint ComfyUI loaded."""
     import_comfy()
     import comfy.model_patcher
     import comfy.supported_models
     with torch.inference_mode(), torch.device(device):
         cfg = comfy.supported_models.SD15(dict(unet_config))
         cfg.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)
-        cfg.set_inference_dtype(torch.float32, None)
-        model = cfg.get_model({})
-        _init(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
+        cfg.set_inference_dtype(dtype, None)
+        with eager_weights() as lazy:
+            model = cfg.get_model({})
+            _init(model.diffusion_model, seed)
+        if lazy:
+            weights = model.diffusion_model.state_dict()
+            model = cfg.get_model({})
+            model.load_model_weights(weights, "")
+    patcher = getattr(comfy.model_patcher, "CoreModelPatcher", None) if dynamic else None
+    return (patcher or comfy.model_patcher.ModelPatcher)(model, load_device=torch.device(load_device or device), offload_device=torch.device(device))
 
 
-def tiny_clip(seed=1, clip_config=TINY_CLIP):
+def tiny_clip(seed=1, clip_config=TINY_CLIP, disable_dynamic=False):
     """A ComfyUI CLIP with the real SD1 tokenizer and a tiny (CLIP_L: full-size) text transformer."""
     import_comfy()
+    with eager_weights() as lazy:
+        clip = _clip(seed, clip_config, disable_dynamic)
+    if lazy:
+        weights = clip.cond_stage_model.clip_l.transformer.state_dict()
+        clip = _clip(None, clip_config, disable_dynamic)
+        with torch.inference_mode():
+            clip.load_sd(weights)
+    return clip
+
+
+def _clip(seed, clip_config, disable_dynamic=False):
     import comfy.sd
     import comfy.sd1_clip
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     with torch.inference_mode():
-        if "model_options" in inspect.signature(comfy.sd.CLIP.__init__).parameters:
-            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(clip_config), "dtype": torch.float32})
+        params = inspect.signature(comfy.sd.CLIP.__init__).parameters
+        if "model_options" in params:
+            extra = {"disable_dynamic": True} if disable_dynamic and "disable_dynamic" in params else {}
+            clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(clip_config), "dtype": torch.float32},
+                                 **extra)
         else:
             path = os.path.join(tempfile.mkdtemp(prefix="e4t-clip-"), "config.json")
             with open(path, "w") as f:
                 json.dump(clip_config, f)
             target.params["textmodel_json_config"] = path
             clip = comfy.sd.CLIP(target)
-        _init(clip.cond_stage_model, seed)
+        if seed is not None:
+            _init(clip.cond_stage_model, seed)
     return clip
 
 
@@ -112,11 +153,10 @@ def tiny_vae(seed=2):
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
     with torch.inference_mode():
-        ae = AutoencoderKL(**TINY_VAE)
-        _init(ae, seed)
+        with eager_weights():
+            ae = AutoencoderKL(**TINY_VAE)
+            _init(ae, seed)
         return comfy.sd.VAE(sd=ae.state_dict(), config={"params": TINY_VAE})
-
-
 
 
 def in_place_residuals() -> bool:

@@ -50,6 +50,18 @@ def _rounded(weights: E4TWeights, dtype=torch.float16) -> E4TWeights:
     return weights
 
 
+def _trainable(patcher, what):
+    """Dynamic VRAM (ComfyUI 0.3x on NVIDIA) patches weights per call: training needs a copy with the patches
+    baked in, which ComfyUI builds by reloading the model the way its loader did."""
+    if not getattr(patcher, "is_dynamic", lambda: False)():
+        return patcher
+    if getattr(patcher, "cached_patcher_init", None) is None:
+        raise ValueError(f"E4T Personalize: this {what} comes from a loader that ComfyUI cannot reload, and dynamic "
+                         "VRAM needs that to make a trainable copy. Load it with a core loader (Load Checkpoint), "
+                         "or start ComfyUI with --disable-dynamic-vram.")
+    return patcher.get_non_dynamic_delegate()
+
+
 class E4TPersonalize:
     @classmethod
     def INPUT_TYPES(cls):
@@ -84,9 +96,14 @@ class E4TPersonalize:
                                 resolution=resolution,
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
         check_unet(model)
-        # Dynamic VRAM patches weights per call: training needs weights with the patches baked in.
-        work, clip_work = (p.get_non_dynamic_delegate() if getattr(p, "is_dynamic", lambda: False)() else p
-                           for p in (model, clip.patcher))
+        engine_mask = None   # checked before any model is loaded
+        if mask is not None:
+            m = mask[0] if mask.dim() == 3 else mask
+            engine_mask = torch.nn.functional.interpolate(m[None, None].float(), size=image.shape[1:3], mode="bilinear")[0, 0]
+            if engine_mask.mean() < 0.01:
+                raise ValueError("E4T Personalize: the MASK is (almost) empty, so nothing would be learned from the "
+                                 "image. Paint the face in the image's mask editor, or use E4T Face Mask.")
+        work, clip_work = _trainable(model, "MODEL"), _trainable(clip.patcher, "CLIP")
         comfy.model_management.load_models_gpu([work, clip_work])
         device = work.load_device
         unet = work.model.diffusion_model
@@ -116,13 +133,6 @@ class E4TPersonalize:
             pbar.update_absolute(step, total)
             _send("e4t.tune", {"node": unique_id, "step": step, "total": total, "loss": loss})
 
-        engine_mask = None
-        if mask is not None:
-            m = mask[0] if mask.dim() == 3 else mask
-            engine_mask = torch.nn.functional.interpolate(m[None, None].float(), size=image.shape[1:3], mode="bilinear")[0, 0]
-            if engine_mask.mean() < 0.01:
-                raise ValueError("E4T Personalize: the MASK is (almost) empty, so nothing would be learned from the "
-                                 "image. Paint the face in the image's mask editor, or use E4T Face Mask.")
         training = hasattr(comfy.model_management, "in_training")      # newer ComfyUI: ops take autograd-safe paths
         if training:
             comfy.model_management.in_training = True

@@ -105,9 +105,9 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
         out = []
         for d in group:
             if KEY in d:
-                prompt = d[KEY]
-                if id(prompt) not in cache:
-                    cache[id(prompt)] = state.context(prompt, words, csm, x_in.device)
+                prompt, old = d[KEY], d["model_conds"]["c_crossattn"].cond
+                if id(prompt) not in cache:     # where the host keeps conds, so it still batches cond and uncond
+                    cache[id(prompt)] = state.context(prompt, words, csm, old.device).to(old.dtype)
                 d = dict(d)
                 d["model_conds"] = dict(d["model_conds"])
                 d["model_conds"]["c_crossattn"] = comfy.conds.CONDCrossAttn(cache[id(prompt)])

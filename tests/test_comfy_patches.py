@@ -41,7 +41,7 @@ def patched_weight(m):
 def test_offsets_stack_with_lora_in_graph_order_and_unpatch_exactly(host, e4t_first):
     import comfy.sd
     patches = pack_module("nodes.patches")
-    model = tiny_model(seed=4)
+    model = tiny_model(seed=4, disable_dynamic=True, dtype=torch.float32)   # the baked path, exact
     w0 = model.model.state_dict()[KEY].clone()
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     lora, d_lora = lora_for(model, KEY)
@@ -67,7 +67,7 @@ def test_offsets_stack_with_lora_in_graph_order_and_unpatch_exactly(host, e4t_fi
 
 def test_unknown_keys_are_refused_with_a_clear_error(host):
     patches = pack_module("nodes.patches")
-    m = tiny_model().clone()
+    m = tiny_model(disable_dynamic=True).clone()
     with pytest.raises(ValueError, match="SD1.x"):
         patches.add_e4t_patches(m, {"input_blocks.9.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(2, 2)}, {}, 1.0)
 
@@ -75,7 +75,7 @@ def test_unknown_keys_are_refused_with_a_clear_error(host):
 def test_offsets_computed_while_another_clone_is_patched(host):
     """Clones share one module; a loaded clone's patches stay in it. New offsets must still scale the base."""
     patches = pack_module("nodes.patches")
-    model = tiny_model(seed=6)
+    model = tiny_model(seed=6, disable_dynamic=True, dtype=torch.float32)
     w0 = model.model.state_dict()[KEY].clone()
     deltas = deltas_for(model)
     d = deltas[KEY[len("diffusion_model."):]]
@@ -90,7 +90,7 @@ def test_offsets_computed_while_another_clone_is_patched(host):
 
 def test_sd2_shaped_weights_are_refused_clearly(host):
     patches = pack_module("nodes.patches")
-    m = tiny_model().clone()
+    m = tiny_model(disable_dynamic=True).clone()
     wrong = {KEY[len("diffusion_model."):]: torch.zeros(32, 40)}
     with pytest.raises(ValueError, match="for SD1.x .* Use an SD1.x checkpoint"):
         patches.add_e4t_patches(m, wrong, {}, 1.0)

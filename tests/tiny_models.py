@@ -2,11 +2,67 @@
 `e4t_standalone.comfy_models`), a tiny checkpoint in the published layout, small accessors."""
 import json
 import os
+import sys
 
 import torch
 
+from e4t_standalone import comfy_models
 from e4t_standalone.comfy_models import (CLIP_L, SD15_UNET, TINY_CLIP, TINY_UNET, TINY_VAE, comfy_root,  # noqa: F401
-                                         import_comfy, tiny_clip, tiny_model, tiny_vae)
+                                         tiny_vae)
+
+# E4T_TEST_DEVICE=cuda runs the host tests on a GPU, with ComfyUI's dynamic VRAM where the tree has it
+# (as its main.py enables it); E4T_TEST_DTYPE picks the U-Net's dtype there (fp16 as loaders choose).
+GPU = os.environ.get("E4T_TEST_DEVICE", "cpu") == "cuda"
+GPU_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[os.environ.get("E4T_TEST_DTYPE", "fp16")]
+
+
+def import_comfy(root=None):
+    """ComfyUI on sys.path and initialised: CPU mode, or with E4T_TEST_DEVICE=cuda the GPU as its main.py sets it up."""
+    if not GPU or "comfy.model_management" in sys.modules:
+        return comfy_models.import_comfy(root, cpu=not GPU)
+    root = comfy_models.comfy_root(root)
+    sys.path.append(root)
+    try:
+        import comfy_aimdo.control
+    except ImportError:
+        return comfy_models.import_comfy(root, cpu=False)      # a tree from before dynamic VRAM
+    comfy_aimdo.control.init()
+    comfy_models.import_comfy(root, cpu=False)
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    if comfy_aimdo.control.init_devices([(d.index, 0) for d in mm.get_all_torch_devices()]):
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return root
+
+
+def dynamic_vram() -> bool:
+    return bool(getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False))
+
+
+def tiny_model(seed=0, unet_config=TINY_UNET, dtype=None, disable_dynamic=False):
+    """The tiny MODEL: on the CPU, or built there and loaded to the GPU by the host's own patcher
+    (weights in GPU_DTYPE unless `dtype` says otherwise)."""
+    import_comfy()
+    if not GPU:
+        return comfy_models.tiny_model(seed, unet_config)
+    import comfy.model_management as mm
+    m = comfy_models.tiny_model(seed, unet_config, dtype=dtype or GPU_DTYPE, load_device=mm.get_torch_device(),
+                                dynamic=not disable_dynamic)
+    m.cached_patcher_init = (tiny_model, (seed, unet_config, dtype))   # as core loaders do: ComfyUI can rebuild it
+    return m
+
+
+def tiny_clip(seed=1, clip_config=TINY_CLIP, disable_dynamic=False):
+    clip = comfy_models.tiny_clip(seed, clip_config, disable_dynamic)
+    if GPU:
+        clip.patcher.cached_patcher_init = (_clip_patcher, (seed, clip_config))
+    return clip
+
+
+def _clip_patcher(seed, clip_config, disable_dynamic=False):
+    return tiny_clip(seed, clip_config, disable_dynamic).patcher
 
 
 def text_model(clip):
