@@ -106,7 +106,8 @@ class Setup:
     def tune(self, steps, batch, memory, trains="all", progress=None):
         low = memory == "low_vram"
         cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5, templates=("a photo of {}",),
-                             accumulation=4 if low and batch % 4 == 0 else 1, checkpointing=low, trains=trains)
+                             accumulation=4 if low and batch % 4 == 0 else 1, checkpointing=low, trains=trains,
+                             optimizer_states="bf16" if low else "fp32")
         autocast = self.dtype if self.device.type == "cuda" else None
         return e4t.tune(self.unet, self.encoder, self.offsets, self.image, text_encode=self.text_encode,
                         vae_encode=self.vae_encode, e_domain=self.e_domain, empty_context=self.empty,
@@ -129,10 +130,9 @@ def bench(args):
     rows = []
 
     # --- tuning: per-step times from one tune (the first step, which allocates, is left out) ---
-    # The ViT backbone goes back to the CPU meanwhile, as a host's memory manager would offload it:
-    # the tune reads the image features computed once.
-    vit_home = next(s.encoder.clip_vision.parameters()).device
-    s.encoder.clip_vision.cpu()
+    # The E4T weights wait on the CPU meanwhile, as hosts keep them (the ViT is offloaded by their memory
+    # managers): the tune reads the image features computed once and trains copies of heads and offsets.
+    s.encoder.cpu(), s.offsets.cpu()
     for memory, trains in args.tunes if "tune" in args.parts else ():
         stamps = []
 
@@ -151,8 +151,10 @@ def bench(args):
                      f"{args.steps} steps: {total:.2f} s (incl. setup)",
                      f"{count / per_step / 1e12:.2f} TFLOP/s of {count / 1e12:.3f} TFLOP",
                      "n/a (CPU)" if mem is None else f"peak {mem:.2f} GiB"))
-    s.encoder.clip_vision.to(vit_home)
+    s.encoder.to(device), s.offsets.to(device)
 
+    if "profile" in args.parts:
+        profile(s, args)
     if "sampling" in args.parts:
         rows += sampling(s, device, dtype, args)
     if "load" in args.parts:
@@ -160,11 +162,29 @@ def bench(args):
     return rows
 
 
+def profile(s, args):
+    """Where the time of two tune steps goes (after a warm-up): kernels by device time, printed."""
+    from torch.profiler import ProfilerActivity
+    memory, trains = args.tunes[0]
+    s.encoder.cpu(), s.offsets.cpu()
+    s.tune(1, args.batch, memory, trains)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        s.tune(2, args.batch, memory, trains)
+    key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+
+
 def sampling(s, device, dtype, args):
-    # --- sampling: one denoiser evaluation, CFG batch 2, plain vs E4T (ours) vs the reference's way ---
-    x = torch.randn(1, 4, s.res // 8, s.res // 8, device=device)
-    t = torch.tensor([500.0], device=device)
-    ctx = torch.cat([s.empty, s.empty])
+    return [row for n in args.sample_batch for row in sampling_at(s, device, dtype, args, n)]
+
+
+def sampling_at(s, device, dtype, args, n):
+    # --- sampling: one denoiser evaluation of n images, CFG (U-Net batch 2n), plain vs E4T vs the reference's way ---
+    x = torch.randn(n, 4, s.res // 8, s.res // 8, device=device)
+    t = torch.full((n,), 500.0, device=device)
+    empty = s.empty.expand(n, -1, -1)
+    ctx = torch.cat([empty, empty])
     feats = s.encoder.image_features(s.image[None])
     folded = s.encoder.fold(feats)
     deltas = {k: d.detach() for k, d in s.offsets.deltas().items()}
@@ -173,14 +193,14 @@ def sampling(s, device, dtype, args):
     @torch.no_grad()
     def plain():
         with autocast:
-            s.unet(x.expand(2, -1, -1, -1), timesteps=t.expand(2), context=ctx)
+            s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=ctx)
 
     @torch.no_grad()
     def ours():
         with autocast:
-            w = e4t.predict_embedding(folded, s.unet, x, t, s.empty, s.e_domain, 0.1)
-            cond = s.text_encode(["p"], w)
-            s.unet(x.expand(2, -1, -1, -1), timesteps=t.expand(2), context=torch.cat([s.empty, cond]))
+            w = e4t.predict_embedding(folded, s.unet, x, t, empty, s.e_domain, 0.1)
+            cond = s.text_encode(["p"] * n, w)
+            s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
 
     @torch.no_grad()
     def reference():
@@ -189,11 +209,11 @@ def sampling(s, device, dtype, args):
             f = s.encoder.image_features(s.image[None])
             dense = {k: reference_delta(s.offsets[k]) for k in s.offsets.targets}
             with e4t.applied(s.unet, dense):
-                e = s.encoder(f, e4t.unet_features(s.unet, x, t, s.empty))
-            cond = s.text_encode(["p"], s.e_domain + 0.1 * e)
+                e = s.encoder(f, e4t.unet_features(s.unet, x, t, empty))
+            cond = s.text_encode(["p"] * n, s.e_domain + 0.1 * e)
             dense = {k: reference_delta(s.offsets[k]) for k in s.offsets.targets}
             with e4t.applied(s.unet, dense):
-                s.unet(x.expand(2, -1, -1, -1), timesteps=t.expand(2), context=torch.cat([s.empty, cond]))
+                s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
 
     with e4t.applied(s.unet, deltas):
         f_plain, f_ours = flops(plain), flops(ours)       # exact, unlike times on a shared machine
@@ -202,9 +222,11 @@ def sampling(s, device, dtype, args):
     f_ref = flops(reference)
     t_ref = timed(reference, device, args.repeats)
     rows = []
-    rows.append(("sampling step, CFG (U-Net batch 2)", f"plain {t_plain * 1e3:.1f} ms", f"E4T {t_ours * 1e3:.1f} ms",
+    rows.append((f"sampling step, {n} image(s), CFG (U-Net batch {2 * n})", f"plain {t_plain * 1e3:.1f} ms", f"E4T {t_ours * 1e3:.1f} ms",
                  f"time ratio {t_ours / t_plain:.2f}x (FLOP ratio {f_ours / f_plain:.3f}x)",
                  f"reference-style {t_ref / t_plain:.2f}x (FLOP {f_ref / f_plain:.3f}x)"))
+    if n != args.sample_batch[0]:
+        return rows
     t_delta = timed(lambda: s.offsets.deltas(), device, args.repeats)
     t_dense = timed(lambda: [reference_delta(s.offsets[k]) for k in s.offsets.targets], device, args.repeats)
     rows.append((f"ΔW for all {len(s.offsets.targets)} projections", f"closed form {t_delta * 1e3:.1f} ms",
@@ -238,12 +260,14 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load")
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile")
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")
     p.add_argument("--channels-last", action="store_true", help="U-Net weights in channels-last memory format")
+    p.add_argument("--sample-batch", default="1", help="comma-separated images per prompt for the sampling rows")
     args = p.parse_args()
     args.tunes = [tuple(pair.split(":")) for pair in args.tunes.split(",")]
+    args.sample_batch = [int(n) for n in args.sample_batch.split(",")]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     rows = bench(args)
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()

@@ -16,6 +16,7 @@ from torch import nn
 
 from .encoder import Encoder, ImageFeatures
 from .offsets import Offsets
+from .optim import CompactAdamW
 from .training import Objective, trainable_weights, training_mode
 
 TEMPLATES = {
@@ -46,6 +47,7 @@ class TuneConfig:
     weight_decay: float = 0.01
     accumulation: int = 1                # micro-batches per step; batch_size must divide evenly
     checkpointing: bool = False          # recompute U-Net activations in backward (low-VRAM mode)
+    optimizer_states: str = "fp32"       # "bf16": Adam's moments in bf16, half its memory (low-VRAM mode)
     seed: int = 0
 
 
@@ -161,8 +163,13 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     trained = set(_trained_names(unet, cfg.trains))
     weights = trainable_weights(unet, trained, float32=autocast_dtype is None)
     params = enc.heads() + list(offs.parameters()) + [weights[n] for n in sorted(trained)]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                            fused=device.type == "cuda")   # one kernel for all parameters on the GPU
+    if cfg.optimizer_states == "bf16":
+        opt = CompactAdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer_states == "fp32":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                fused=device.type == "cuda")   # one kernel for all parameters on the GPU
+    else:
+        raise ValueError(f"unknown optimizer_states {cfg.optimizer_states!r}: use 'fp32' or 'bf16'")
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, weights, text_encode, e_domain.detach().to(device, torch.float32).clone(),
                           empty_context.detach().to(device).clone(), acp, scale, cfg.prediction, cfg.regularizer,

@@ -75,6 +75,8 @@ def tab():
                                           elem_id="e4t_accumulation")
                         checkpointing = gr.Checkbox(False, label="Gradient checkpointing (less VRAM, slower)",
                                                     elem_id="e4t_checkpointing")
+                        compact = gr.Checkbox(False, label="Adam moments in bf16 (less VRAM)",
+                                              elem_id="e4t_compact_optimizer")
                     with gr.Row():
                         trains = gr.Radio(["all", "attention"], value="all", label="U-Net weights trained",
                                           elem_id="e4t_trains")
@@ -95,7 +97,7 @@ def tab():
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_tune, extra_outputs=[None, ""]), _js=TUNE_JS,
                   inputs=[task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution,
-                          trains, micro, seed, overwrite, auto_mask, checkpointing],
+                          trains, micro, seed, overwrite, auto_mask, checkpointing, compact],
                   outputs=[plot, output, result])
     return [(block, "E4T", "e4t")]
 
@@ -121,14 +123,15 @@ def weights_config(name) -> e4t.DomainConfig:
 
 
 def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution, trains,
-             micro, seed, overwrite, auto_mask="none", checkpointing=False):
+             micro, seed, overwrite, auto_mask="none", checkpointing=False, compact=False):
     """The Tune button (inside wrap_gradio_gpu_call: the webui's queue lock, progress and interrupt)."""
     from modules import shared
     sampling.RUNTIME.stop_all()                      # nothing of a failed earlier job may stay on the U-Net
     state = shared.state
     cfg = e4t.preset(preset or "published", steps=int(steps), lr=float(lr), reg_lambda=float(reg),
                      batch_size=int(batch), resolution=int(resolution), trains=trains, accumulation=int(micro),
-                     checkpointing=bool(checkpointing), seed=int(seed))
+                     checkpointing=bool(checkpointing), optimizer_states="bf16" if compact else "fp32",
+                     seed=int(seed))
     state.job, state.job_count, state.job_no = "E4T tune", 1, 0
     state.sampling_steps, state.sampling_step = cfg.steps, 0
     state.textinfo = "E4T: encoding the concept image"
@@ -144,7 +147,7 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
     except e4t.Interrupted as err:
         return None, "", f"<p>{html.escape(str(err))}; no concept was saved.</p>"
     except torch.cuda.OutOfMemoryError:
-        return None, "", ("<p>Out of GPU memory while tuning; no concept was saved. Tick <i>Gradient checkpointing</i>, "
+        return None, "", ("<p>Out of GPU memory while tuning; no concept was saved. Tick <i>Gradient checkpointing</i> and <i>Adam moments in bf16</i>, "
                           "raise <i>Micro-batches per step</i>, train only <i>attention</i>, or lower the batch size.</p>")
     plot = loss_plot(losses)
     concept = os.path.relpath(path, store.folder())[: -len(".safetensors")].replace(os.sep, "/")

@@ -75,7 +75,7 @@ class E4TPersonalize:
                                          "tooltip": "embedding regulariser λ (published 1e-4; paper face 0.1)"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
                 "trains": (["all", "attention"], {"tooltip": "heads + offsets + the whole U-Net, or its attention only"}),
-                "memory": (["fast", "low_vram"], {"tooltip": "low_vram: gradient checkpointing and micro-batches of 4, same loss"}),
+                "memory": (["fast", "low_vram"], {"tooltip": "low_vram: gradient checkpointing, micro-batches of 4 (same loss) and Adam's moments stored in bf16"}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64}),
             },
             "optional": {"mask": ("MASK", {"tooltip": "restricts the loss to these pixels (e.g. the face)"})},
@@ -93,6 +93,7 @@ class E4TPersonalize:
         accumulation = 4 if memory == "low_vram" and batch_size % 4 == 0 else 1
         cfg = engine.TuneConfig(steps=steps, batch_size=batch_size, lr=lr, reg_lambda=reg_lambda, seed=seed,
                                 trains=trains, accumulation=accumulation, checkpointing=memory == "low_vram",
+                                optimizer_states="bf16" if memory == "low_vram" else "fp32",
                                 resolution=resolution,
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
         check_unet(model)
