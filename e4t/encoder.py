@@ -120,15 +120,14 @@ class Encoder(nn.Module):
         return self.unet_feature_embedder(pooled.to(self.final_linear.weight.dtype))
 
     def forward(self, features: ImageFeatures, unet_maps) -> torch.Tensor:
-        """The published forward, batched: z_i = F_i(L [h_i; u]); e = final(leaky(mean_i z_i)).
-        One F_i at a time: stacking the 129 (d, d) weights would hold a 0.85 GB copy, and as much again
-        for its gradient, in every training pass."""
+        """The published forward, batched: z_i = F_i(L [h_i; u]); e = final(leaky(mean_i z_i))."""
         d = self.cfg.vit_width
         u = self.embed_unet(unet_maps)                                                    # (b, d)
         u_term = u @ self.feature_linear.weight[:, d:].T + self.feature_linear.bias       # (b, d)
         h = features.tokens.to(u.dtype) @ self.feature_linear.weight[:, :d].T             # (b|1, n, d)
-        x = h + u_term[:, None]                                                           # (b, n, d)
-        z = sum(lin(x[:, i]) for i, lin in enumerate(self.first_linears)) / len(self.first_linears)
+        weight = torch.stack([lin.weight for lin in self.first_linears])                  # (n, d, d)
+        bias = torch.stack([lin.bias for lin in self.first_linears])                      # (n, d)
+        z = torch.einsum("bni,noi->bo", h + u_term[:, None], weight) / len(self.first_linears) + bias.mean(0)
         return self.final_linear(F.leaky_relu(z, 0.01))
 
     @torch.no_grad()
