@@ -10,7 +10,7 @@ import torch
 
 class CompactAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 state_dtype=torch.bfloat16, chunk=1 << 26):
+                 state_dtype=torch.bfloat16, chunk=1 << 24):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype, self.chunk = state_dtype, chunk
 

@@ -103,8 +103,12 @@ class Objective:
         fp32 = self.autocast_dtype is None            # no autocast: everything in fp32 (weights are fp32 copies)
         dtype = torch.float32 if fp32 else unet_dtype(self.unet)
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=not fp32)
-        merged = {k: merge(self.weights[k].float(), d) for k, d in self.offsets.deltas().items()}   # fp32 leaves
-        leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
+        def merged_weights():
+            return {k: merge(self.weights[k].float(), d) for k, d in self.offsets.deltas().items()}
+        # Low-VRAM: ΔW's intermediates (about four weight-sized tensors per target) are recomputed for the
+        # final backward instead of being kept through every micro-batch.
+        merged = checkpoint(merged_weights, use_reentrant=False) if self.checkpointing else merged_weights()
+        leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}                     # fp32 leaves
         swap = self.weights | leaves
         # The diffusion term is a mean and the paper's regulariser a mean: each micro-batch carries its
         # share; the published regulariser is a sum over the batch: each micro-batch adds its own part.

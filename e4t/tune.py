@@ -193,6 +193,8 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
         if progress is not None:
             progress(step + 1, cfg.steps, total)
 
+    opt.zero_grad(set_to_none=True)
+    del opt                                        # gradients and optimizer state go before the deltas are formed
     delta = {n: (weights[n].detach() - base[n].float()) for n in sorted(trained)}
     enc.requires_grad_(False).eval()
     offs.requires_grad_(False).eval()
