@@ -50,6 +50,14 @@ class E4T:
                                                          offload_device=comfy.model_management.unet_offload_device())
         return self._vit
 
+    def release_vit(self) -> None:
+        """Take the ViT off the GPU through ComfyUI's model management (features are cached per image)."""
+        if self._vit is None:
+            return
+        mm = comfy.model_management
+        unload = getattr(mm, "unload_model_and_clones", None) or getattr(mm, "unload_model_clones")
+        unload(self._vit)
+
     def use_stock_backbone(self, clip_vision) -> None:
         """A core CLIP_VISION may stand in only for a file without backbone and only if proven identical."""
         enc = self.weights.encoder

@@ -127,9 +127,17 @@ def test_plain_sampling_is_bit_identical_after_e4t_and_an_interrupted_tune(host,
     assert torch.equal(CAPTURED["before"], CAPTURED["after"])
 
 
+def loaded_modules():
+    import comfy.model_management as mm
+    patchers = [lm.model for lm in mm.current_loaded_models]
+    return [type(p.model).__name__ for p in patchers if p is not None]
+
+
 def test_tune_then_save_and_load_concept_reproduces_the_output(host):
     host.run(graph(tune={}, key="tuned_a"))
     assert CAPTURED["tuned_a_plot"].shape[-1] == 3 and CAPTURED["tuned_a_plot"].std() > 0
+    assert "VisionTransformer" not in loaded_modules(), "the ViT stayed loaded through the tune"
+    assert "BaseModel" in loaded_modules()
     g = graph(tune={}, key="tuned_b")
     g["save"] = {"class_type": "E4TSaveConcept", "inputs": {"e4t": ["tune", 1], "filename_prefix": "me"}}
     host.run(g)
