@@ -167,10 +167,13 @@ def profile(s, args):
     from torch.profiler import ProfilerActivity
     memory, trains = args.tunes[0]
     s.encoder.cpu(), s.offsets.cpu()
-    s.tune(1, args.batch, memory, trains)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        s.tune(2, args.batch, memory, trains)
+    try:
+        s.tune(1, args.batch, memory, trains)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            s.tune(2, args.batch, memory, trains)
+    finally:
+        s.encoder.to(s.device), s.offsets.to(s.device)
     key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 

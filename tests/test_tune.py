@@ -200,7 +200,7 @@ def test_an_fp16_unet_tunes_without_autocast(model, clip, vae, encoder):
 
 def test_compact_adamw_follows_adamw_with_bf16_moments():
     """Moments stored in bf16, the update in fp32: 15 steps land where torch's AdamW lands, to well under 1 %
-    of the distance travelled; chunking changes nothing; the state holds half of AdamW's bytes."""
+    of the distance travelled, however the parameters are chunked; the state holds half of AdamW's bytes."""
     torch.manual_seed(0)
     params = [torch.randn(64, 48).requires_grad_() for _ in range(3)] + [torch.randn(7).requires_grad_()]
     start = [p.detach().clone() for p in params]
@@ -218,10 +218,26 @@ def test_compact_adamw_follows_adamw_with_bf16_moments():
         travelled = (ref - p0).norm()
         assert travelled > 0.05
         assert (compact - ref).norm() < 5e-3 * travelled
-        assert torch.equal(compact, chunked)
+        assert (chunked - ref).norm() < 5e-3 * travelled
     state = opts[1].state[runs[1][0]]
     assert state["m"].dtype == state["v"].dtype == torch.bfloat16
     assert not torch.equal(state["v"], torch.zeros_like(state["v"]))
+
+
+def test_compact_adamw_second_moment_is_unbiased_over_a_long_tune():
+    """v moves by 0.1 % a step, under bf16's resolution: rounded to nearest it drifts (+2 % after 500 steps
+    here); stochastic rounding keeps it on torch's AdamW's value."""
+    torch.manual_seed(0)
+    start = torch.randn(4000)
+    ref, compact = start.clone().requires_grad_(), start.clone().requires_grad_()
+    opts = torch.optim.AdamW([ref], lr=1e-3), e4t.CompactAdamW([compact], lr=1e-3)
+    for _ in range(500):
+        g = torch.randn(4000)
+        ref.grad, compact.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    v_ref, v = opts[0].state[ref]["exp_avg_sq"], opts[1].state[compact]["v"].float()
+    assert abs(((v - v_ref) / v_ref).mean()) < 0.005
 
 
 def test_low_vram_optimizer_states_train_the_same_weights(model, clip, vae, encoder):
