@@ -62,6 +62,18 @@ def _trainable(patcher, what):
     return patcher.get_non_dynamic_delegate()
 
 
+FAST_MODE_GIB = 46     # a batch-16 fast tune peaked at 44.6 GiB on an H100 (BENCHMARKS.md), plus the host's models
+
+
+def memory_mode(memory: str, device) -> str:
+    """'auto' picks fast where the device holds the fast mode's measured peak, else low_vram."""
+    if memory != "auto":
+        return memory
+    if torch.device(device).type == "cpu":
+        return "fast"
+    return "fast" if comfy.model_management.get_total_memory(device) >= FAST_MODE_GIB * 2**30 else "low_vram"
+
+
 class E4TPersonalize:
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,7 +87,7 @@ class E4TPersonalize:
                                          "tooltip": "embedding regulariser λ (published 1e-4; paper face 0.1)"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
                 "trains": (["all", "attention"], {"tooltip": "heads + offsets + the whole U-Net, or its attention only"}),
-                "memory": (["fast", "low_vram"], {"tooltip": "low_vram: gradient checkpointing, micro-batches of 4 (same loss) and Adam's moments stored in bf16"}),
+                "memory": (["auto", "fast", "low_vram"], {"default": "auto", "tooltip": "low_vram: gradient checkpointing, micro-batches of 4 (same loss) and Adam's moments stored in bf16; auto: fast where the GPU has 46 GiB or more, else low_vram"}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64}),
             },
             "optional": {"mask": ("MASK", {"tooltip": "restricts the loss to these pixels (e.g. the face)"})},
@@ -90,6 +102,7 @@ class E4TPersonalize:
 
     def personalize(self, model, clip, vae, e4t, image, steps, batch_size, lr, reg_lambda, seed, trains, memory,
                     resolution, mask=None, unique_id=None):
+        memory = memory_mode(memory, model.load_device)
         accumulation = 4 if memory == "low_vram" and batch_size % 4 == 0 else 1
         cfg = engine.TuneConfig(steps=steps, batch_size=batch_size, lr=lr, reg_lambda=reg_lambda, seed=seed,
                                 trains=trains, accumulation=accumulation, checkpointing=memory == "low_vram",
@@ -149,6 +162,11 @@ class E4TPersonalize:
                 clone_norm_inputs=in_place_residuals())
         except engine.Interrupted:
             raise comfy.model_management.InterruptProcessingException()
+        except torch.cuda.OutOfMemoryError as err:     # re-raised as itself: ComfyUI still frees its models
+            raise torch.cuda.OutOfMemoryError(
+                f"E4T Personalize ran out of GPU memory in {memory} mode; nothing was changed. Measured peaks of a "
+                "batch-16 tune: 44.6 GiB fast, 22.9 GiB low_vram, 15.1 GiB low_vram with trains: attention. Pick "
+                "those, or lower batch_size or resolution.") from err
         finally:
             if training:
                 comfy.model_management.in_training = False

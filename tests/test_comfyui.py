@@ -192,3 +192,32 @@ def test_an_empty_mask_is_refused_with_what_to_do(host):
     with pytest.raises(ValueError, match="mask editor"):
         nodes.NODE_CLASS_MAPPINGS["E4TPersonalize"]().personalize(
             model, clip, vae, e4t_obj, image, 1, 2, 1e-3, 1e-4, 0, "all", "fast", 64, mask=torch.zeros(1, 80, 72))
+
+
+def test_auto_memory_mode_follows_the_device(host, monkeypatch):
+    import comfy.model_management as mm
+    tune = pack_module("nodes.nodes_tune")
+    assert tune.memory_mode("auto", torch.device("cpu")) == "fast"
+    for total_gib, want in ((24, "low_vram"), (45, "low_vram"), (80, "fast")):
+        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False, g=total_gib: g * 2**30)
+        assert tune.memory_mode("auto", torch.device("cuda", 0)) == want
+    assert tune.memory_mode("low_vram", torch.device("cpu")) == "low_vram"
+
+
+def test_out_of_memory_says_what_fits_and_changes_nothing(host, monkeypatch):
+    import nodes
+    tune = pack_module("nodes.nodes_tune")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(tune.engine, "tune", out_of_memory)
+    import comfy.model_management
+    comfy.model_management.unload_all_models()       # earlier graphs leave patched clones loaded
+    model, clip, vae = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    e4t_obj = nodes.NODE_CLASS_MAPPINGS["E4TLoader"]().load("tiny-face/")[0]
+    image, _ = nodes.NODE_CLASS_MAPPINGS["TestImage"]().make("x")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="in fast mode.*low_vram with trains: attention"):
+        nodes.NODE_CLASS_MAPPINGS["E4TPersonalize"]().personalize(
+            model, clip, vae, e4t_obj, image, 1, 2, 1e-3, 1e-4, 0, "all", "auto", 64)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
