@@ -78,7 +78,11 @@ class RefineState:
         return self.refinement(base_model.diffusion_model, xs, t, dtype)
 
     def context(self, prompt, words, cond_stage_model, device) -> torch.Tensor:
-        return torch.cat([encode_tokens(self.clip, cond_stage_model, prompt.with_word(w)) for w in words]).to(device)
+        """(b, tokens, d), row i with words[i]: one CLIP call for the batch, its sections in row order."""
+        per_word = [prompt.with_word(w) for w in words]
+        tokens = {k: [chunk for t in per_word for chunk in t[k]] for k in per_word[0]}
+        out = encode_tokens(self.clip, cond_stage_model, tokens)                      # (1, b * tokens, d)
+        return out.reshape(len(per_word), -1, out.shape[-1]).to(device)
 
 
 def refine_state(model):

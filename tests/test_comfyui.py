@@ -221,3 +221,23 @@ def test_out_of_memory_says_what_fits_and_changes_nothing(host, monkeypatch):
         nodes.NODE_CLASS_MAPPINGS["E4TPersonalize"]().personalize(
             model, clip, vae, e4t_obj, image, 1, 2, 1e-3, 1e-4, 0, "all", "auto", 64)
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+
+
+def test_a_batch_of_refined_contexts_is_one_clip_call(host, monkeypatch):
+    """Each image of a batch has its own word; the rows are encoded together, each equal to its own encoding."""
+    import nodes
+    refine, prompts = pack_module("nodes.refine"), pack_module("nodes.prompt")
+    clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
+    prompt = prompts.PlaceholderPrompt(clip, "a (photo:1.2) of *s, " * 20, "*s")      # weights, two chunks
+    words = torch.randn(3, 32)
+    calls = []
+    original = type(clip.cond_stage_model).encode_token_weights
+    monkeypatch.setattr(type(clip.cond_stage_model), "encode_token_weights",
+                        lambda self, tokens: calls.append(1) or original(self, tokens))
+    with torch.inference_mode():                                 # as nodes run
+        singles = torch.cat([prompts.encode_tokens(clip, clip.cond_stage_model, prompt.with_word(w)) for w in words])
+        calls.clear()
+        batched = refine.RefineState(None, clip, None, 0.1, 0).context(prompt, words, clip.cond_stage_model, "cpu")
+    assert len(calls) == 1 and batched.shape == singles.shape and singles.shape[1] == 154
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])
