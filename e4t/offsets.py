@@ -35,11 +35,22 @@ class Offset(nn.Module):
             nn.init.zeros_(self.linear_row.bias)
 
     def delta(self) -> torch.Tensor:
-        vx, vy = self.linear1(self.v), self.linear2(self.v)                     # (in,), (out,)
-        a, b = self.linear_column, self.linear_row
-        return (torch.outer(b.weight @ vy, a.weight @ vx)
-                + torch.outer(b.weight.sum(1), a.bias)
-                + b.bias[:, None])                                                 # (out, in)
+        return grouped_deltas([self])[0]                                           # (out, in)
+
+
+def grouped_deltas(offsets: list) -> torch.Tensor:
+    """ΔW of g offsets of one shape, stacked (g, out, in). The vector work and the final outer products
+    run once per group, not per offset: fewer kernels per tuning step (the step is launch-bound)."""
+    def stacked(get):
+        return torch.stack([get(o) for o in offsets])
+    v = stacked(lambda o: o.v)                                                     # (g, 1)
+    vx = stacked(lambda o: o.linear1.weight.squeeze(1)) * v + stacked(lambda o: o.linear1.bias)  # (g, in)
+    vy = stacked(lambda o: o.linear2.weight.squeeze(1)) * v + stacked(lambda o: o.linear2.bias)  # (g, out)
+    col = torch.stack([o.linear_column.weight @ x for o, x in zip(offsets, vx.unbind())])     # (g, in)
+    row = torch.stack([o.linear_row.weight @ y for o, y in zip(offsets, vy.unbind())])        # (g, out)
+    row_sum = stacked(lambda o: o.linear_row.weight.sum(1))                                    # (g, out)
+    return (row[:, :, None] * col[:, None, :] + row_sum[:, :, None] * stacked(lambda o: o.linear_column.bias)[:, None, :]
+            + stacked(lambda o: o.linear_row.bias)[:, :, None])
 
 
 def _slot(target: str) -> str:
@@ -67,7 +78,13 @@ class Offsets(nn.Module):
 
     def deltas(self) -> dict:
         """{target: ΔW}; call once per optimiser step or once per load, never per attention call."""
-        return {k: self[k].delta() for k in self.targets}
+        groups = {}
+        for k in self.targets:
+            groups.setdefault(tuple(self[k].linear_row.weight.shape + self[k].linear_column.weight.shape), []).append(k)
+        out = {}
+        for keys in groups.values():
+            out.update(zip(keys, grouped_deltas([self[k] for k in keys]).unbind()))
+        return {k: out[k] for k in self.targets}
 
 
 def targets(state_dict) -> dict:
