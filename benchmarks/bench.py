@@ -13,6 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -96,6 +97,16 @@ class Setup:
         with torch.no_grad():
             self.features = self.encoder.image_features(self.image[None])
 
+    @contextmanager
+    def e4t_weights_on_cpu(self):
+        """Tunes run with the E4T weights on the CPU, as hosts keep them (the ViT is offloaded by their memory
+        managers): the tune reads the image features computed once and trains copies of heads and offsets."""
+        self.encoder.cpu(), self.offsets.cpu()
+        try:
+            yield
+        finally:
+            self.encoder.to(self.device), self.offsets.to(self.device)
+
     def text_encode(self, prompts, words):
         ids = self.ids.expand(len(prompts), -1)
         return self.encode_ids(ids, words, self.pos.expand(len(prompts)))
@@ -104,10 +115,8 @@ class Setup:
         return torch.randn(images.shape[0], 4, images.shape[2] // 8, images.shape[3] // 8, device=images.device)
 
     def tune(self, steps, batch, memory, trains="all", progress=None):
-        low = memory == "low_vram"
         cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5, templates=("a photo of {}",),
-                             accumulation=4 if low and batch % 4 == 0 else 1, checkpointing=low, trains=trains,
-                             optimizer_states="bf16" if low else "fp32")
+                             trains=trains, **e4t.memory_settings(memory, batch))
         autocast = self.dtype if self.device.type == "cuda" else None
         return e4t.tune(self.unet, self.encoder, self.offsets, self.image, text_encode=self.text_encode,
                         vae_encode=self.vae_encode, e_domain=self.e_domain, empty_context=self.empty,
@@ -128,12 +137,22 @@ def bench(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     s = Setup(args.tiny, device, dtype, args.channels_last)
     rows = []
+    if "tune" in args.parts:
+        with s.e4t_weights_on_cpu():
+            rows += tunes(s, device, args)
+    if "profile" in args.parts:
+        profile(s, args)
+    if "sampling" in args.parts:
+        rows += sampling(s, device, dtype, args)
+    if "load" in args.parts:
+        rows.append(loading(s, args))
+    return rows
 
+
+def tunes(s, device, args):
     # --- tuning: per-step times from one tune (the first step, which allocates, is left out) ---
-    # The E4T weights wait on the CPU meanwhile, as hosts keep them (the ViT is offloaded by their memory
-    # managers): the tune reads the image features computed once and trains copies of heads and offsets.
-    s.encoder.cpu(), s.offsets.cpu()
-    for memory, trains in args.tunes if "tune" in args.parts else ():
+    rows = []
+    for memory, trains in args.tunes:
         stamps = []
 
         def stamp(step, total, loss):
@@ -151,14 +170,6 @@ def bench(args):
                      f"{args.steps} steps: {total:.2f} s (incl. setup)",
                      f"{count / per_step / 1e12:.2f} TFLOP/s of {count / 1e12:.3f} TFLOP",
                      "n/a (CPU)" if mem is None else f"peak {mem:.2f} GiB"))
-    s.encoder.to(device), s.offsets.to(device)
-
-    if "profile" in args.parts:
-        profile(s, args)
-    if "sampling" in args.parts:
-        rows += sampling(s, device, dtype, args)
-    if "load" in args.parts:
-        rows.append(loading(s, args))
     return rows
 
 
@@ -166,14 +177,11 @@ def profile(s, args):
     """Where the time of two tune steps goes (after a warm-up): kernels by device time, printed."""
     from torch.profiler import ProfilerActivity
     memory, trains = args.tunes[0]
-    s.encoder.cpu(), s.offsets.cpu()
-    try:
+    with s.e4t_weights_on_cpu():
         s.tune(1, args.batch, memory, trains)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
             s.tune(2, args.batch, memory, trains)
-    finally:
-        s.encoder.to(s.device), s.offsets.to(s.device)
     key = "self_cuda_time_total" if s.device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 

@@ -59,6 +59,16 @@ PRESETS = {
 }
 
 
+def memory_settings(mode: str, batch_size: int) -> dict:
+    """TuneConfig fields of a memory mode: "fast", or "low_vram" (gradient checkpointing, micro-batches of 4
+    with the same loss, Adam's moments in bf16)."""
+    if mode == "fast":
+        return {}
+    if mode == "low_vram":
+        return dict(checkpointing=True, accumulation=4 if batch_size % 4 == 0 else 1, optimizer_states="bf16")
+    raise ValueError(f"unknown memory mode {mode!r}: use 'fast' or 'low_vram'")
+
+
 def preset(name: str, **overrides) -> TuneConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")

@@ -103,11 +103,8 @@ class E4TPersonalize:
     def personalize(self, model, clip, vae, e4t, image, steps, batch_size, lr, reg_lambda, seed, trains, memory,
                     resolution, mask=None, unique_id=None):
         memory = memory_mode(memory, model.load_device)
-        accumulation = 4 if memory == "low_vram" and batch_size % 4 == 0 else 1
         cfg = engine.TuneConfig(steps=steps, batch_size=batch_size, lr=lr, reg_lambda=reg_lambda, seed=seed,
-                                trains=trains, accumulation=accumulation, checkpointing=memory == "low_vram",
-                                optimizer_states="bf16" if memory == "low_vram" else "fp32",
-                                resolution=resolution,
+                                trains=trains, resolution=resolution, **engine.memory_settings(memory, batch_size),
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
         check_unet(model)
         engine_mask = None   # checked before any model is loaded

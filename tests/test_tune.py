@@ -116,13 +116,19 @@ def test_interrupted_tune_changes_nothing(model, clip, vae, encoder):
     assert same(before, snapshot(unet, encoder, offsets))
 
 
-def test_accumulation_keeps_the_loss_and_the_update(model, clip, vae, encoder):
+def tuned_both_ways(model, clip, vae, encoder, cfg, seed, **change):
+    """The same tune twice, seeded alike (the VAE samples its posterior): as configured, and with `change`."""
     unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    results = []
+    for c in (cfg, TuneConfig(**{**cfg.__dict__, **change})):
+        torch.manual_seed(seed)
+        results.append(e4t.tune(unet, encoder, offsets, image, cfg=c, **kw))
+    return unet, offsets, image, kw, *results
+
+
+def test_accumulation_keeps_the_loss_and_the_update(model, clip, vae, encoder):
     cfg = TuneConfig(steps=2, batch_size=8, lr=1e-3, resolution=64, reg_lambda=1e-3)
-    torch.manual_seed(5)     # the VAE samples its posterior
-    one = e4t.tune(unet, encoder, offsets, image, cfg=cfg, **kw)
-    torch.manual_seed(5)
-    four = e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(**{**cfg.__dict__, "accumulation": 4}), **kw)
+    _, offsets, _, _, one, four = tuned_both_ways(model, clip, vae, encoder, cfg, 5, accumulation=4)
     assert one.losses == pytest.approx(four.losses, rel=1e-5)
     t = offsets.targets[0]
     torch.testing.assert_close(one.offsets[t].linear_row.weight, four.offsets[t].linear_row.weight, rtol=1e-4, atol=1e-6)
@@ -130,12 +136,8 @@ def test_accumulation_keeps_the_loss_and_the_update(model, clip, vae, encoder):
 
 
 def test_checkpointing_gives_the_same_step(model, clip, vae, encoder):
-    unet, offsets, image, kw = setup(model, clip, vae, encoder)
     cfg = TuneConfig(steps=2, batch_size=4, lr=1e-3, resolution=64)
-    torch.manual_seed(9)
-    plain = e4t.tune(unet, encoder, offsets, image, cfg=cfg, **kw)
-    torch.manual_seed(9)
-    ckpt = e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(**{**cfg.__dict__, "checkpointing": True}), **kw)
+    unet, _, _, _, plain, ckpt = tuned_both_ways(model, clip, vae, encoder, cfg, 9, checkpointing=True)
     assert plain.losses == pytest.approx(ckpt.losses, rel=1e-6)
     for k in ("out.2.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"):
         torch.testing.assert_close(plain.unet_delta[k], ckpt.unet_delta[k], rtol=1e-4, atol=1e-8)
@@ -241,15 +243,19 @@ def test_compact_adamw_second_moment_is_unbiased_over_a_long_tune():
 
 
 def test_low_vram_optimizer_states_train_the_same_weights(model, clip, vae, encoder):
-    unet, offsets, image, kw = setup(model, clip, vae, encoder)
     cfg = TuneConfig(steps=2, batch_size=4, lr=1e-3, resolution=64)
-    torch.manual_seed(9)
-    full = e4t.tune(unet, encoder, offsets, image, cfg=cfg, **kw)
-    torch.manual_seed(9)
-    compact = e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(**{**cfg.__dict__, "optimizer_states": "bf16"}), **kw)
+    unet, offsets, image, kw, full, compact = tuned_both_ways(model, clip, vae, encoder, cfg, 9, optimizer_states="bf16")
     assert full.losses[0] == compact.losses[0]
     for k in ("out.2.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"):
         moved = full.unet_delta[k].norm()
         assert moved > 0 and (full.unet_delta[k] - compact.unet_delta[k]).norm() < 1e-2 * moved
     with pytest.raises(ValueError, match="optimizer_states"):
         e4t.tune(unet, encoder, offsets, image, cfg=TuneConfig(**{**cfg.__dict__, "optimizer_states": "int4"}), **kw)
+
+
+def test_memory_modes_name_their_settings():
+    assert e4t.memory_settings("fast", 16) == {}
+    assert e4t.memory_settings("low_vram", 16) == dict(checkpointing=True, accumulation=4, optimizer_states="bf16")
+    assert e4t.memory_settings("low_vram", 6)["accumulation"] == 1          # the batch must divide evenly
+    with pytest.raises(ValueError, match="memory mode"):
+        e4t.memory_settings("auto", 16)
