@@ -10,8 +10,9 @@ Public API (hosts use only these names):
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
     predict_embedding, Refinement, unet_features                  -- per-step refinement
     encode_with_word, WordInjector, domain_embedding, MARKERS     -- placeholder injection in CLIP text
-    tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted,
-    augment, memory_settings, CompactAdamW                        -- one-image tuning (memory modes; bf16-moment AdamW)
+    tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted, Diverged,
+    augment, memory_settings, CompactAdamW                        -- one-image tuning (memory modes; compact AdamW)
+    Precision, training_precision                                 -- the tune's precision policy per device
     pretrain, PretrainConfig, image_files, load_image, ddim       -- domain pre-training, sample images
     detect_mask, MaskUnavailable, CASCADES                        -- automatic face / cat masks (OpenCV)
     line_plot, scatter_plot                                       -- plots as images
@@ -30,12 +31,13 @@ from .pretrain import PretrainConfig, image_files, load_image, pretrain
 from .refinement import Refinement, predict_embedding, unet_features
 from .sampling import ddim
 from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
-from .tune import PRESETS, Interrupted, TuneConfig, TuneResult, augment, memory_settings, preset, tune
+from .precision import Precision, training_precision
+from .tune import PRESETS, Diverged, Interrupted, TuneConfig, TuneResult, augment, memory_settings, preset, tune
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "read_header",
            "read_published_config", "load_pickled_state_dict", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
-           "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "augment", "memory_settings", "CompactAdamW",
+           "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_settings", "CompactAdamW",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
            "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of"]

@@ -1,70 +1,277 @@
-"""AdamW with its two moments stored in bf16: half of Adam's memory (4 instead of 8 bytes per trained
-parameter), which at E4T's 1.2 B trained parameters is 4.9 GB. Used by the low-VRAM tune.
+"""AdamW with compact moments, optionally stepped inside backward: the memory-lean tune's optimizer.
 
-The update itself is computed in fp32 on fp32 parameters; only the stored moments are rounded (bf16
-keeps fp32's exponent range: nothing under- or overflows), and stochastically, so that the second
-moment's 0.1 % steps, smaller than bf16's resolution, are not lost over long tunes. Parameters are
-processed in chunks of at most `chunk` elements whose moments live in one flat buffer each: a step
-costs a few kernels per chunk, not per tensor, and its fp32 temporaries stay small.
+Moments are stored in bf16 (4 bytes per trained parameter instead of fp32 AdamW's 8) or in 8 bits per value
+with one fp32 scale per block of 256 (2 bytes), always rounded stochastically, so the second moment's 0.1 %
+steps, finer than the stored resolution, are kept on average over long runs. The update itself is computed in
+fp32. A parameter is either a plain tensor or a *delta* over a frozen base weight (`bases`): the trained weight
+is base + delta, so decoupled weight decay shrinks base + delta, and the delta may be bf16 because it starts at 0
+and stays small (an fp16/bf16 master weight would lose updates of 1e-4 relative; a delta does not).
+
+Parameters are processed in buckets of at most `chunk` elements whose state lives in flat buffers: a step costs a
+few dozen kernels per bucket, not per tensor. `step_in_backward()` runs each bucket's update as soon as autograd
+has finished its gradients (`register_post_accumulate_grad_hook`) and frees them, so no full set of gradients is
+ever held; global gradient clipping cannot be applied then (it needs every gradient first).
 """
 import torch
 
+BLOCK = 256
+
+
+def stochastic_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16, rounded up or down with probabilities that make the result unbiased.
+
+    Adds uniform noise in [0, 2^16) to the low 16 bits of the fp32 pattern and truncates them: the magnitude rounds
+    away from zero with probability equal to the dropped fraction, for either sign. Zero (of either sign) and
+    denormals stay finite and keep their sign; infinities and NaN are converted as they are. (Signed noise, as
+    before, turned +0.0 minus one step into the pattern 0xFFFFFFFF: a NaN.)"""
+    x = x.float().contiguous()
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)     # exact: the low 16 bits are zero
+
+
+def _levels(kind: str) -> torch.Tensor:
+    """The 8-bit code's values, ascending. "linear": 255 evenly spaced values in [-1, 1]. "log": 256 values in
+    [0, 1] with 3 mantissa bits and a 5-bit exponent (holds a block's range of v over 2^31), 0 included."""
+    if kind == "linear":
+        return torch.linspace(-1, 1, 255)
+    mags = [m / 8 * 2.0 ** -30 for m in range(8)]                                     # subnormals, 0 included
+    mags += [(1 + m / 8) * 2.0 ** (e - 31) for e in range(1, 32) for m in range(8)]
+    mags = torch.tensor(mags, dtype=torch.float64)
+    return (mags / mags.max()).float()
+
+
+class Quantized8:
+    """A flat fp32 vector stored as 8-bit codes with one fp32 scale (absolute maximum) per block of 256, rounded
+    stochastically (unbiased) between the two nearest code values."""
+
+    def __init__(self, n: int, device, kind: str):
+        self.n = n
+        blocks = (n + BLOCK - 1) // BLOCK
+        self.levels = _levels(kind).to(device)
+        zero = int(self.levels.abs().argmin())
+        self.codes = torch.full((blocks * BLOCK,), zero, dtype=torch.uint8, device=device)
+        self.scale = torch.zeros(blocks, dtype=torch.float32, device=device)
+
+    def get(self) -> torch.Tensor:
+        x = self.levels[self.codes.long()].view(-1, BLOCK) * self.scale[:, None]
+        return x.flatten()[:self.n]
+
+    def set(self, x: torch.Tensor, generator: torch.Generator):
+        blocks = torch.nn.functional.pad(x.float(), (0, self.codes.numel() - self.n)).view(-1, BLOCK)
+        scale = blocks.abs().amax(1)
+        y = (blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).flatten()
+        hi = torch.searchsorted(self.levels, y.clamp(self.levels[0], 1.0), out_int32=True)
+        hi = hi.clamp_(1, len(self.levels) - 1).long()
+        lo_v, hi_v = self.levels[hi - 1], self.levels[hi]
+        up = torch.rand(y.shape, device=y.device, generator=generator) * (hi_v - lo_v) < (y - lo_v)
+        self.codes.copy_(torch.where(up, hi, hi - 1).to(torch.uint8))
+        self.scale.copy_(scale)
+
+
+class _Bucket:
+    """Consecutive parameters (one device) and their moments in flat buffers."""
+
+    def __init__(self, params, states: str, generator):
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        n, device = sum(self.sizes), params[0].device
+        self.step = 0
+        if states == "8bit":   # v on a log scale, and m / sqrt(v) (bounded for Adam) on a linear one
+            self.v, self.r = Quantized8(n, device, "log"), Quantized8(n, device, "linear")
+        else:
+            self.flat = torch.zeros(2, n, dtype=torch.bfloat16 if states == "bf16" else torch.float32, device=device)
+        self.states, self.generator = states, generator
+
+    def moments(self):
+        if self.states == "8bit":
+            v = self.v.get()
+            return self.r.get() * v.sqrt(), v
+        return self.flat[0].float(), self.flat[1].float()
+
+    def store(self, m, v):
+        """8 bits: a step uses m / sqrt(v), so that ratio is what is stored on a linear scale, with an error that is
+        small next to the update itself: v is stored first (unbiased), then m / sqrt(stored v) (0 where that is 0,
+        which only denormal gradients give)."""
+        if self.states == "8bit":
+            self.v.set(v, self.generator)
+            s = self.v.get().sqrt()
+            self.r.set(torch.where(s > 0, m / s.clamp_min(torch.finfo(torch.float32).tiny), 0.0), self.generator)
+        elif self.states == "bf16":
+            self.flat[0].copy_(stochastic_bf16(m, self.generator))
+            self.flat[1].copy_(stochastic_bf16(v, self.generator))
+        else:
+            self.flat[0].copy_(m)
+            self.flat[1].copy_(v)
+
+
+def _copy_back(params, flat):
+    """Write a flat fp32 vector into the parameters it was gathered from (bf16 ones rounded by the caller)."""
+    views = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(params, views)
+    else:                                                                      # torch < 2.2
+        for p, v in zip(params, views):
+            p.copy_(v)
+
 
 class CompactAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 state_dtype=torch.bfloat16, chunk=1 << 24):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.state_dtype, self.chunk = state_dtype, chunk
-        self._generators = {}                    # per device, fixed seed: a tune stays reproducible
-        self._chunks = None                      # per param group: [(params, moments (2, n) flat buffer)]
+    """AdamW (decoupled weight decay, bias-corrected moments) with bf16, 8-bit or fp32 stored moments.
 
-    def _layout(self, params):
-        """Consecutive parameters with gradients (same device) grouped up to `chunk` elements; each
-        parameter's state["m"] / state["v"] is a view into its chunk's buffer."""
-        groups, batch = [], []
-        for p in [p for p in params if p.grad is not None] + [None]:
-            if batch and (p is None or p.device != batch[0].device
-                          or sum(q.numel() for q in batch) + p.numel() > self.chunk):
-                flat = torch.zeros(2, sum(q.numel() for q in batch), dtype=self.state_dtype, device=batch[0].device)
-                for q, m, v in zip(batch, *(row.split([q.numel() for q in batch]) for row in flat)):
-                    self.state[q].update(step=0, m=m.view_as(q), v=v.view_as(q))
-                groups.append((batch, flat))
-                batch = []
-            if p is not None:
-                batch.append(p)
-        return groups
+    bases: {parameter: frozen tensor}; such a parameter is a delta and the weight is base + delta.
+    loss_scale: gradients are divided by it (fp16 dynamic loss scaling); a bucket whose gradients are not finite
+    is then left as it was and `finished()` says so (the caller retries those buckets with a smaller scale).
+    Otherwise a non-finite gradient sets the device flag `nonfinite` (read once per step by the caller)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, states="bf16",
+                 chunk=1 << 23, bases=None):
+        if states not in ("fp32", "bf16", "8bit"):
+            raise ValueError(f"unknown optimizer_states {states!r}: use 'fp32', 'bf16' or '8bit'")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.states, self.chunk, self.bases = states, chunk, bases or {}
+        self.loss_scale = 1.0
+        self.nonfinite = None
+        self._generators = {}                    # per device, fixed seed: a tune stays reproducible
+        self._buckets, self._of = [], {}
+        self._forming, self._laid_out = [], False
+        self._pending, self._done, self._hooks = {}, set(), []
+
+    @property
+    def _group(self):
+        return self.param_groups[0]
+
+    def _generator(self, device):
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(0)
+        return self._generators[device]
+
+    def _form(self, p=None):
+        """Lay out buckets in the order gradients arrive (first step): consecutive parameters of one device up to
+        `chunk` elements. Returns the bucket closed by adding `p` (None: close what is open)."""
+        if p is not None and self._forming and (p.device != self._forming[0].device
+                                                or sum(q.numel() for q in self._forming) + p.numel() > self.chunk):
+            closed = self._form()
+            self._forming = [p]
+            return closed
+        if p is not None:
+            self._forming.append(p)
+            return None
+        if not self._forming:
+            return None
+        bucket = _Bucket(self._forming, self.states, self._generator(self._forming[0].device))
+        self._buckets.append(bucket)
+        self._of.update({q: bucket for q in self._forming})
+        self._forming = []
+        return bucket
 
     @torch.no_grad()
-    def step(self):
-        if self._chunks is None:
-            self._chunks = [self._layout(group["params"]) for group in self.param_groups]
-        for group, chunks in zip(self.param_groups, self._chunks):
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for ps, flat in chunks:
-                if any(p.grad is None for p in ps):
-                    raise RuntimeError("CompactAdamW: a parameter trained in the first step has no gradient now")
-                moments = flat.float()                                              # (2, n) fp32
-                m, v = ([t.view_as(p) for t, p in zip(row.split([p.numel() for p in ps]), ps)] for row in moments)
-                grads = [p.grad.float() for p in ps]
-                steps = []
-                for p in ps:
-                    self.state[p]["step"] += 1
-                    steps.append(self.state[p]["step"])
-                torch._foreach_lerp_(m, grads, 1 - b1)                              # m = b1 m + (1 - b1) g
-                torch._foreach_mul_(v, b2)
-                torch._foreach_addcmul_(v, grads, grads, 1 - b2)                     # v = b2 v + (1 - b2) g²
-                torch._foreach_mul_(ps, 1 - lr * wd)                                 # decoupled weight decay
-                denom = torch._foreach_sqrt(torch._foreach_div(v, [1 - b2 ** s for s in steps]))
-                torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(ps, m, denom, [-lr / (1 - b1 ** s) for s in steps])
-                flat.copy_(self._stochastic(moments))
+    def _update(self, bucket: _Bucket) -> bool:
+        ps = bucket.params
+        g = torch.cat([p.grad.flatten() for p in ps]).float()
+        if self.loss_scale != 1.0:
+            g.div_(self.loss_scale)
+        for p in ps:
+            p.grad = None                                                      # freed as soon as it is read
+        finite = torch.isfinite(g).all()
+        if self.loss_scale != 1.0 and not bool(finite):                        # fp16: skip, the caller retries
+            return False
+        self.nonfinite = ~finite if self.nonfinite is None else self.nonfinite | ~finite
+        lr, (b1, b2), eps, wd = (self._group[k] for k in ("lr", "betas", "eps", "weight_decay"))
+        bucket.step += 1
+        m, v = bucket.moments()
+        m.lerp_(g, 1 - b1)                                                     # m = b1 m + (1 - b1) g
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)                                # v = b2 v + (1 - b2) g²
+        bucket.store(m, v)                                                     # (fp32: m, v are the state)
+        del g
+        update = (m / (1 - b1 ** bucket.step)).div_((v / (1 - b2 ** bucket.step)).sqrt_().add_(eps))
+        new = torch.cat([p.flatten() for p in ps]).float()
+        if wd:                                                                 # decoupled decay of the weight
+            weight = new
+            if any(p in self.bases for p in ps):
+                weight = new + torch.cat([self.bases.get(p, torch.zeros_like(p)).flatten().float() for p in ps])
+            new.sub_(weight, alpha=lr * wd)
+        new.sub_(update, alpha=lr)
+        for dtype in {p.dtype for p in ps}:
+            idx = [i for i, p in enumerate(ps) if p.dtype == dtype]
+            part = torch.cat([new.split(bucket.sizes)[i] for i in idx]) if len(idx) < len(ps) else new
+            if dtype == torch.bfloat16:
+                part = stochastic_bf16(part, bucket.generator)
+            _copy_back([ps[i] for i in idx], part)
+        return True
 
-    def _stochastic(self, x):
-        """fp32 prepared for bf16 stochastic rounding: noise of ± half a bf16 step added to the low 16 bits,
-        so that the round-to-nearest copy that follows is unbiased for either sign. Overwrites x."""
-        if x.device not in self._generators:
-            self._generators[x.device] = torch.Generator(device=x.device).manual_seed(0)
-        noise = torch.randint(-(1 << 15), 1 << 15, x.shape, dtype=torch.int32, device=x.device,
-                              generator=self._generators[x.device])
-        x.view(torch.int32).add_(noise)
-        return x
+    def step(self):
+        """The usual optimizer step: every parameter updated from its .grad."""
+        if not self._laid_out:
+            for p in self._group["params"]:
+                if p.grad is not None:
+                    self._form(p)
+            self._form()
+            self._laid_out = True
+        for bucket in self._buckets:
+            if any(p.grad is None for p in bucket.params):
+                raise RuntimeError("CompactAdamW: a parameter trained in the first step has no gradient now")
+            self._update(bucket)
+
+    # --- inside backward ----------------------------------------------------------------------------------------
+    def step_in_backward(self):
+        """From now on each bucket is updated as soon as autograd has completed its gradients; call `begin()` before
+        and `finished()` after each step's backward passes. `remove()` detaches the hooks."""
+        for p in self._group["params"]:
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._ready))
+        return self
+
+    def _ready(self, p):
+        if not self._laid_out:
+            bucket = self._form(p)
+            if bucket is not None and self._update(bucket):
+                self._done.add(bucket)
+            return
+        bucket = self._of.get(p)
+        if bucket is None:
+            raise RuntimeError("CompactAdamW: a parameter without a gradient in the first step has one now")
+        if bucket in self._done:                       # updated already in this step (a retry of other buckets)
+            p.grad = None
+            return
+        self._pending.setdefault(bucket, set()).add(p)
+        if len(self._pending[bucket]) == len(bucket.params):
+            del self._pending[bucket]
+            if self._update(bucket):
+                self._done.add(bucket)
+
+    def begin(self):
+        """Start a step's backward passes (or a retry of the buckets left out by an overflow)."""
+        self._pending = {}
+
+    def finished(self) -> bool:
+        """After a step's backward passes: True when every bucket was updated; False asks for a retry (fp16 overflow:
+        lower `loss_scale`, run the same batch again; buckets already updated are skipped)."""
+        if not self._laid_out:
+            bucket = self._form()
+            if bucket is not None and self._update(bucket):
+                self._done.add(bucket)
+            self._laid_out = True
+        if self._pending:
+            raise RuntimeError("CompactAdamW: a parameter trained in the first step has no gradient now")
+        complete = len(self._done) == len(self._buckets)
+        if complete:
+            self._done = set()
+        return complete
+
+    def moments(self, p) -> tuple:
+        """(m, v) of parameter `p` as stored, in fp32 (for inspection)."""
+        bucket = self._of[p]
+        start = sum(bucket.sizes[:bucket.params.index(p)])
+        return tuple(x[start:start + p.numel()].view_as(p) for x in bucket.moments())
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held (moments and their scales)."""
+        total = 0
+        for b in self._buckets:
+            held = [b.v.codes, b.v.scale, b.r.codes, b.r.scale] if b.states == "8bit" else [b.flat]
+            total += sum(t.numel() * t.element_size() for t in held)
+        return total
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

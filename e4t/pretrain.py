@@ -21,7 +21,7 @@ from .checkpoint import DomainConfig, E4TFileError, E4TWeights, atomic_write, sa
 from .encoder import Encoder
 from .evaluate import pil_to_tensor
 from .offsets import Offsets
-from .training import Objective, trainable_weights, training_mode
+from .training import Objective, UNetWeights, training_mode
 from .tune import TEMPLATES, augment, trainable_heads
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -105,7 +105,7 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
     params = enc.heads() + list(offs.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     acp = alphas_cumprod.to(device, torch.float32)
-    objective = Objective(unet, enc, offs, trainable_weights(unet, set(), float32=autocast_dtype is None), text_encode,
+    objective = Objective(unet, enc, offs, UNetWeights(unet, set(), compute=None if autocast_dtype else torch.float32), text_encode,
                           e_domain.detach().to(device, torch.float32).clone(), empty_context.detach().to(device).clone(),
                           acp, domain.scale, cfg.prediction, cfg.regularizer, cfg.reg_lambda, cfg.checkpointing,
                           autocast_dtype)

@@ -1,8 +1,11 @@
-"""What tuning and pretraining share: weights substituted into the host's U-Net for a step, optional
-gradient checkpointing, and E4T's objective (paper eq. 3) for one optimiser step."""
+"""What tuning and pretraining share: the U-Net weights a step runs with (fp32 master copies, or deltas added to the
+host's frozen weights block by block), optional gradient checkpointing, and E4T's objective (paper eq. 3) for one
+optimiser step. Everything runs on a structural clone of the host's U-Net (new module objects sharing the host's
+tensors), so the host's own modules are never touched, not even for the duration of a step."""
+import copy
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -29,19 +32,6 @@ def substituted(module: nn.Module, tensors: dict):
         for sub, attr, param in reversed(saved):
             delattr(sub, attr)
             sub._parameters[attr] = param
-
-
-@contextmanager
-def checkpointed(unet: nn.Module, enabled: bool):
-    """Gradient checkpointing per U-Net block: activations are recomputed in backward (low-VRAM mode)."""
-    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks) if enabled else []
-    try:
-        for block in blocks:
-            block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
 
 
 @contextmanager
@@ -74,15 +64,131 @@ def training_mode(unet: nn.Module, clone_norm_inputs: bool = False):
             h.remove()
 
 
+def structural_clone(module: nn.Module) -> nn.Module:
+    """New module objects with the same parameters, buffers and attributes (nothing is copied but the module tree
+    and its dicts): substitutions, per-block wrappers and hooks installed on the clone never reach the host's
+    modules. Methods bound to an original module instance (per-instance patches) are rebound to its clone."""
+    clone = copy.copy(module)
+    clone.__dict__ = {k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    for k, v in clone.__dict__.items():
+        if isinstance(v, types.MethodType) and v.__self__ is module:
+            clone.__dict__[k] = types.MethodType(v.__func__, clone)
+    clone._modules = {k: None if m is None else structural_clone(m) for k, m in module._modules.items()}
+    return clone
+
+
+def _units(unet: nn.Module) -> dict:
+    """{name prefix: layer} of the U-Net's checkpointing and substitution units: every layer of every input,
+    middle and output block (ComfyUI's U-Net calls the layers of a block directly, never the block's forward)."""
+    blocks = [(f"input_blocks.{i}", b) for i, b in enumerate(unet.input_blocks)] + [("middle_block", unet.middle_block)]
+    blocks += [(f"output_blocks.{i}", b) for i, b in enumerate(unet.output_blocks)]
+    return {f"{prefix}.{j}": layer for prefix, block in blocks for j, layer in block.named_children()}
+
+
+class UNetWeights:
+    """The U-Net weights of a training step. Frozen names run on the host's tensors. Trained names:
+
+    - "master": fp32 trainable copies of the host's weights (16 bytes per parameter with AdamW and its gradients);
+    - "delta": a bf16 delta D per weight, trained from zero, the weight being W0 + D with W0 the host's frozen
+      tensor; W0 + D is formed inside each block as it runs (and again when a checkpointed block is recomputed), so
+      no full-size trained copy of the U-Net exists. Deltas keep what bf16 master weights would lose: a step of 1e-5
+      on a weight of 0.05 is below bf16's resolution of the weight, not of the delta.
+
+    `compute`: the dtype weights enter the U-Net in (None: as stored, autocast casts them)."""
+
+    def __init__(self, unet: nn.Module, trained: set, kind: str = "master", compute=None):
+        if kind not in ("master", "delta"):
+            raise ValueError(f"unknown unet_weights {kind!r}: use 'master' or 'delta'")
+        self.kind, self.compute, self.trained = kind, compute, sorted(trained)
+        self.base = {n: p.detach() for n, p in unet.named_parameters()}
+        if kind == "master":
+            self.tensors = {n: (p.clone().float().requires_grad_() if n in trained else self._frozen(p))
+                            for n, p in self.base.items()}
+            self.deltas = {}
+        else:
+            self.tensors = {}
+            self.deltas = {n: torch.zeros_like(self.base[n], dtype=torch.bfloat16).requires_grad_() for n in trained}
+
+    def _frozen(self, p):
+        if self.compute is not None and p.dtype != self.compute:
+            return p.to(self.compute)
+        return p.clone() if p.is_inference() else p      # autograd cannot save inference tensors
+
+    def trainable(self) -> list:
+        return [self.tensors[n] for n in self.trained] if self.kind == "master" else [self.deltas[n] for n in self.trained]
+
+    def bases(self) -> dict:
+        """{delta tensor: its frozen weight}, for the optimizer's weight decay of W0 + D."""
+        return {d: self.base[n] for n, d in self.deltas.items()}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        """The tensor the U-Net runs with for parameter `name` (inside the block that owns it)."""
+        if self.kind == "master":
+            return self.tensors[name]
+        d = self.deltas.get(name)
+        if d is None:
+            return self._frozen(self.base[name])
+        w = self.base[name]
+        dtype = self.compute or w.dtype
+        return w.to(dtype) + d.to(dtype)
+
+    def full(self, name: str) -> torch.Tensor:
+        """fp32 weight, differentiable in what trains (for merging with ΔW once per step)."""
+        if self.kind == "master":
+            return self.tensors[name].float()
+        d = self.deltas.get(name)
+        return self.base[name].float() + (0 if d is None else d.float())
+
+    def delta(self) -> dict:
+        """{name: W_tuned - W0} for every trained weight (fp32 for master copies, bf16 for deltas)."""
+        if self.kind == "master":
+            return {n: self.tensors[n].detach() - self.base[n].float() for n in self.trained}
+        return {n: self.deltas[n].detach() for n in self.trained}
+
+
+@contextmanager
+def parametrized(unet: nn.Module, weight, extra: dict, checkpointing: bool):
+    """Run `unet` (a structural clone) with `weight(name)` for every parameter, `extra` ({name: tensor}) taking
+    precedence. Each layer of the U-Net's blocks gets its tensors when it runs, inside its gradient checkpoint when
+    `checkpointing` (then what a layer forms, W0 + D included, is recomputed in backward instead of kept)."""
+    names = [n for n, _ in unet.named_parameters()]
+    blocks = _units(unet)
+    owned = {p: [n for n in names if n.startswith(p + ".")] for p in blocks}
+    outer = [n for n in names if not any(n.startswith(p + ".") for p in blocks)]
+
+    def get(n):
+        return extra[n] if n in extra else weight(n)
+
+    def wrap(prefix, block):
+        forward = type(block).forward.__get__(block)
+        local = [(n, n[len(prefix) + 1:]) for n in owned[prefix]]
+
+        def run(*args, **kwargs):
+            with substituted(block, {short: get(n) for n, short in local}):
+                return forward(*args, **kwargs)
+        if checkpointing:
+            return lambda *args, **kwargs: checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return run
+
+    try:
+        for prefix, block in blocks.items():
+            block.forward = wrap(prefix, block)
+        with substituted(unet, {n: get(n) for n in outer}):
+            yield unet
+    finally:
+        for block in blocks.values():
+            block.__dict__.pop("forward", None)
+
+
 @dataclass
 class Objective:
     """Diffusion loss + embedding regulariser for one optimiser step, gradients into `encoder` (heads),
-    `offsets` and every tensor of `weights` that requires grad. ΔW is formed once per step: the merged
-    weights become leaves for the U-Net passes, and their gradient flows back to the offsets once."""
-    unet: nn.Module
+    `offsets` and what `weights` trains. ΔW is formed once per step: the merged weights become leaves for the
+    U-Net passes, and their gradient flows back to the offsets (and trained weights) once."""
+    unet: nn.Module              # a structural clone of the host's U-Net
     encoder: nn.Module
     offsets: nn.Module
-    weights: dict                # U-Net parameter name -> tensor used for this tune/pretraining
+    weights: UNetWeights
     text_encode: object          # (prompts, words (b, d)) -> (b, 77, ctx), differentiable in words
     e_domain: torch.Tensor
     empty_context: torch.Tensor
@@ -94,22 +200,24 @@ class Objective:
     checkpointing: bool = False
     autocast_dtype: torch.dtype | None = None
 
-    def backward(self, tokens, x0, noise, t, prompts, masks=None, accumulation: int = 1) -> float:
+    def backward(self, tokens, x0, noise, t, prompts, masks=None, accumulation: int = 1, loss_scale: float = 1.0):
         """tokens (b|1, n, d) image features; x0, noise (b, 4, h, w); t (b,); masks (b, 1, h, w) or None.
-        Accumulates gradients over `accumulation` micro-batches with the full-batch loss; returns it."""
+        Accumulates gradients (of loss × loss_scale) over `accumulation` micro-batches with the full-batch loss;
+        returns the loss."""
         from .encoder import ImageFeatures
 
         acp, device = self.alphas_cumprod, x0.device
         fp32 = self.autocast_dtype is None            # no autocast: everything in fp32 (weights are fp32 copies)
         dtype = torch.float32 if fp32 else unet_dtype(self.unet)
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=not fp32)
+        leaf_dtype = torch.float32 if self.weights.kind == "master" else (self.weights.compute or torch.float32)
+
         def merged_weights():
-            return {k: merge(self.weights[k].float(), d) for k, d in self.offsets.deltas().items()}
+            return {k: merge(self.weights.full(k), d).to(leaf_dtype) for k, d in self.offsets.deltas().items()}
         # Low-VRAM: what the merge keeps for backward (one weight-sized fp32 tensor per target, 0.26 GiB
         # for SD1.5) is recomputed for the final backward instead of being kept through the step.
         merged = checkpoint(merged_weights, use_reentrant=False) if self.checkpointing else merged_weights()
-        leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}                     # fp32 leaves
-        swap = self.weights | leaves
+        leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
         # The diffusion term is a mean and the paper's regulariser a mean: each micro-batch carries its
         # share; the published regulariser is a sum over the batch: each micro-batch adds its own part.
         reg_share = 1.0 if self.regularizer == "published" else 1 / accumulation
@@ -117,7 +225,7 @@ class Objective:
         for mb in torch.arange(x0.shape[0]).split(x0.shape[0] // accumulation):
             feats = ImageFeatures(tokens=tokens if tokens.shape[0] == 1 else tokens[mb])
             xt = noisy(x0[mb], noise[mb], acp[t[mb]])
-            with substituted(self.unet, swap), checkpointed(self.unet, self.checkpointing), \
+            with parametrized(self.unet, self.weights, leaves, self.checkpointing), \
                     computing_in(self.unet, torch.float32 if fp32 else None):
                 with autocast:
                     e = self.encoder(feats, unet_features(self.unet, xt, t[mb], self.empty_context, dtype))
@@ -127,20 +235,8 @@ class Objective:
                 loss = diffusion_loss(pred, target(self.prediction, x0[mb], noise[mb], acp[t[mb]]),
                                       None if masks is None else masks[mb])
                 loss = loss / accumulation + reg_share * self.reg_lambda * regularizer(self.regularizer, w, e)
-                loss.backward()
+                (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             total += float(loss.detach())
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in merged]
         torch.autograd.backward(list(merged.values()), grads)
         return total
-
-
-def trainable_weights(unet: nn.Module, trained: set, float32: bool = False) -> dict:
-    """fp32 trainable copies of the `trained` U-Net parameters; the rest as they are, or fp32 copies when
-    training runs without autocast (`float32`), or clones of inference tensors (autograd cannot save
-    those). The host's parameters are never modified."""
-    def frozen(p):
-        if float32 and p.dtype != torch.float32:
-            return p.detach().float()
-        return p.detach().clone() if p.is_inference() else p.detach()
-    return {n: (p.detach().clone().float().requires_grad_() if n in trained else frozen(p))
-            for n, p in unet.named_parameters()}

@@ -2,10 +2,15 @@
 
 Host-free: the host hands in its U-Net module (CompVis layout), a differentiable `text_encode(prompts,
 words)` callable, a `vae_encode(images)` callable and the noise schedule. Nothing the host owns is
-modified: heads and offsets are trained on copies, and the U-Net runs with trainable copies of its
-weights substituted for the duration of each step, so an interrupted or failed tune leaves every model
-exactly as it was.
+modified: heads and offsets are trained on copies, and the U-Net runs as a structural clone (new module
+objects sharing the host's tensors) with trainable weights substituted, so an interrupted or failed tune
+leaves every model exactly as it was.
+
+Memory modes (`memory_settings`): "fast" trains fp32 master copies with torch's AdamW; "low_vram" trains bf16
+deltas on the host's frozen U-Net weights, recomputes activations per block, keeps Adam's moments in 8 bits and
+runs the optimizer step inside backward, so no full set of gradients is ever held (see README for its figures).
 """
+import math
 import copy
 import random
 from dataclasses import dataclass, field, replace
@@ -17,7 +22,8 @@ from torch import nn
 from .encoder import Encoder, ImageFeatures
 from .offsets import Offsets
 from .optim import CompactAdamW
-from .training import Objective, trainable_weights, training_mode
+from .precision import Precision, training_precision
+from .training import Objective, UNetWeights, structural_clone, training_mode
 
 TEMPLATES = {
     "published": ("a photo of {}",),
@@ -43,11 +49,13 @@ class TuneConfig:
     resolution: int = 512
     templates: tuple = TEMPLATES["published"]
     prediction: str = "eps"              # or "v"
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0               # global gradient-norm clipping (not applied with fused_step)
     weight_decay: float = 0.01
     accumulation: int = 1                # micro-batches per step; batch_size must divide evenly
     checkpointing: bool = False          # recompute U-Net activations in backward (low-VRAM mode)
-    optimizer_states: str = "fp32"       # "bf16": Adam's moments in bf16, half its memory (low-VRAM mode)
+    optimizer_states: str = "fp32"       # Adam's moments stored in "fp32", "bf16" (half) or "8bit" (a quarter)
+    unet_weights: str = "master"         # "master": fp32 trainable copies; "delta": bf16 deltas on the host's weights
+    fused_step: bool = False             # optimizer step inside backward: no persistent gradients, no global clipping
     seed: int = 0
 
 
@@ -59,14 +67,18 @@ PRESETS = {
 }
 
 
-def memory_settings(mode: str, batch_size: int) -> dict:
-    """TuneConfig fields of a memory mode: "fast", or "low_vram" (gradient checkpointing, micro-batches of 4
-    with the same loss, Adam's moments in bf16)."""
-    if mode == "fast":
-        return {}
-    if mode == "low_vram":
-        return dict(checkpointing=True, accumulation=4 if batch_size % 4 == 0 else 1, optimizer_states="bf16")
-    raise ValueError(f"unknown memory mode {mode!r}: use 'fast' or 'low_vram'")
+MEMORY_MODES = {
+    "fast": {},
+    # the same recipe (heads + offsets + U-Net, the whole batch, AdamW), without fp32 copies or stored gradients
+    "low_vram": dict(checkpointing=True, optimizer_states="8bit", unet_weights="delta", fused_step=True),
+}
+
+
+def memory_settings(mode: str, batch_size: int | None = None) -> dict:
+    """TuneConfig fields of a memory mode (see the module docstring)."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {mode!r}: use {' or '.join(map(repr, MEMORY_MODES))}")
+    return dict(MEMORY_MODES[mode])
 
 
 def preset(name: str, **overrides) -> TuneConfig:
@@ -79,11 +91,15 @@ class Interrupted(Exception):
     """Raised when the host's stop flag is set; nothing was changed."""
 
 
+class Diverged(ValueError):
+    """The loss or a gradient stopped being finite; the tune stops and nothing is changed."""
+
+
 @dataclass
 class TuneResult:
     encoder: Encoder            # tuned heads; the ViT backbone is shared with the input encoder
     offsets: Offsets
-    unet_delta: dict            # {CompVis name: W_tuned - W0} for every trained U-Net weight
+    unet_delta: dict            # {CompVis name: W_tuned - W0} for every trained U-Net weight (fp32, or bf16 deltas)
     losses: list = field(default_factory=list)
 
 
@@ -126,27 +142,42 @@ def _trained_names(unet: nn.Module, trains: str):
 
 
 def tune(unet: nn.Module, *args, clone_norm_inputs: bool = False, **kwargs) -> "TuneResult":
-    """Tune on one image; see `_tune`. Runs with autograd on even when the host is in inference mode.
+    """Tune on one image; see `_tune`. Runs with autograd on even when the host is in inference mode, on a
+    structural clone of `unet`.
 
     clone_norm_inputs: see `training_mode`.
     """
-    with training_mode(unet, clone_norm_inputs):
-        return _tune(unet, *args, **kwargs)
+    work = structural_clone(unet)
+    with training_mode(work, clone_norm_inputs):
+        return _tune(work, *args, **kwargs)
+
+
+def _diverged(what: str, step: int, cfg: TuneConfig, precision: Precision) -> Diverged:
+    return Diverged(
+        f"the tune stopped at step {step} of {cfg.steps}: the {what} is no longer a finite number ({precision.name}, "
+        f"lr {cfg.lr:g}); nothing was changed. Lower the learning rate (e.g. {cfg.lr / 10:g}), check that the image "
+        f"and mask hold finite values, or use fewer steps.")
 
 
 def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tensor, *, text_encode, vae_encode,
          e_domain: torch.Tensor, empty_context: torch.Tensor, alphas_cumprod: torch.Tensor, scale: float = 0.1,
          placeholder: str = "*", cfg: TuneConfig = TuneConfig(), mask: torch.Tensor | None = None,
-         features: ImageFeatures | None = None, progress=None, should_stop=None, autocast_dtype=None) -> TuneResult:
+         features: ImageFeatures | None = None, progress=None, should_stop=None, precision: Precision | None = None) -> TuneResult:
     """Tune on one image (3, H, W) in [-1, 1]; optional mask (H, W) in [0, 1] restricts the loss.
 
     text_encode(prompts: list[str], words: (b, d)) -> (b, 77, ctx) puts each word at the placeholder;
     vae_encode(images (n, 3, r, r) in [-1, 1]) -> U-Net-space latents, called exactly once here.
     progress(step, total, loss) after every step; should_stop() before every step (True -> Interrupted).
+    precision: autocast dtype and loss scaling; default: `training_precision` of the U-Net's device.
+    A loss or gradient that is not finite raises Diverged (fp16 overflows first lower the loss scale).
     """
     if cfg.batch_size % cfg.accumulation:
         raise ValueError(f"batch size {cfg.batch_size} is not a multiple of accumulation {cfg.accumulation}")
+    if cfg.fused_step and cfg.accumulation != 1:
+        raise ValueError("fused_step updates weights inside backward: it needs accumulation 1")
     device = next(unet.parameters()).device
+    precision = precision or training_precision(device)
+    autocast_dtype = precision.autocast
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
@@ -166,46 +197,78 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
             features = encoder.image_features(image[None].to(device))
     features = ImageFeatures(tokens=features.tokens.detach().clone())
 
-    # Trainable copies: heads, offsets, chosen U-Net weights (fp32 masters); the host's stay untouched.
+    # Trainable copies: heads, offsets (fp32), U-Net weights (fp32 masters or bf16 deltas); the host's stay untouched.
     enc = trainable_heads(encoder, device)
     offs = copy.deepcopy(offsets).to(device).float().requires_grad_(True).train()
-    base = {n: p.detach() for n, p in unet.named_parameters()}
     trained = set(_trained_names(unet, cfg.trains))
-    weights = trainable_weights(unet, trained, float32=autocast_dtype is None)
-    params = enc.heads() + list(offs.parameters()) + [weights[n] for n in sorted(trained)]
-    if cfg.optimizer_states == "bf16":
-        opt = CompactAdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer_states == "fp32":
+    compute = (autocast_dtype or torch.float32) if cfg.unet_weights == "delta" else (None if autocast_dtype else torch.float32)
+    weights = UNetWeights(unet, trained, cfg.unet_weights, compute)
+    params = enc.heads() + list(offs.parameters()) + weights.trainable()
+    if cfg.optimizer_states == "fp32" and not cfg.fused_step and cfg.unet_weights == "master":
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                 fused=device.type == "cuda")   # one kernel for all parameters on the GPU
     else:
-        raise ValueError(f"unknown optimizer_states {cfg.optimizer_states!r}: use 'fp32' or 'bf16'")
+        opt = CompactAdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                           states=cfg.optimizer_states, bases=weights.bases())
+    if cfg.fused_step:
+        opt.step_in_backward()
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, weights, text_encode, e_domain.detach().to(device, torch.float32).clone(),
                           empty_context.detach().to(device).clone(), acp, scale, cfg.prediction, cfg.regularizer,
                           cfg.reg_lambda, cfg.checkpointing, autocast_dtype)
+    loss_scale = precision.loss_scale
 
     losses = []
     for step in range(cfg.steps):
         if should_stop is not None and should_stop():
             raise Interrupted(f"tuning stopped before step {step + 1} of {cfg.steps}; nothing was changed")
-        opt.zero_grad(set_to_none=True)
         # The step's randomness is drawn for the whole batch, so accumulation sees the same batch.
         pick = torch.randint(0, n_crops, (cfg.batch_size,), generator=generator)
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=generator).to(device)
         t = torch.randint(0, len(acp), (cfg.batch_size,), generator=generator).to(device)
         prompts = [rng.choice(cfg.templates).format(placeholder) for _ in range(cfg.batch_size)]
-        total = objective.backward(features.tokens, latents[pick], noise, t, prompts,
-                                   None if masks is None else masks[pick], cfg.accumulation)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        while True:                                # once, or again with a halved loss scale after an fp16 overflow
+            if cfg.fused_step:
+                opt.begin()
+                opt.loss_scale = loss_scale
+            else:
+                opt.zero_grad(set_to_none=True)
+            total = objective.backward(features.tokens, latents[pick], noise, t, prompts,
+                                       None if masks is None else masks[pick], cfg.accumulation, loss_scale)
+            if not math.isfinite(total):
+                raise _diverged("loss", step + 1, cfg, precision)
+            if _stepped(opt, params, cfg, loss_scale):
+                break
+            if loss_scale <= 1.0:
+                raise _diverged("gradient", step + 1, cfg, precision)
+            loss_scale /= 2
         losses.append(total)
         if progress is not None:
             progress(step + 1, cfg.steps, total)
 
+    if cfg.fused_step:
+        opt.remove()
     opt.zero_grad(set_to_none=True)
     del opt                                        # gradients and optimizer state go before the deltas are formed
-    delta = {n: (weights[n].detach() - base[n].float()) for n in sorted(trained)}
+    delta = weights.delta()
     enc.requires_grad_(False).eval()
     offs.requires_grad_(False).eval()
     return TuneResult(encoder=enc, offsets=offs, unet_delta=delta, losses=losses)
+
+
+def _stepped(opt, params, cfg: TuneConfig, loss_scale: float) -> bool:
+    """The optimizer step of the gradients just computed (already done inside backward with fused_step); False when
+    a gradient is not finite: with a loss scale above 1 the caller retries the step with a lower one (buckets already
+    updated are skipped), else it stops the tune."""
+    if cfg.fused_step:
+        if not opt.finished():
+            return False
+        bad, opt.nonfinite = opt.nonfinite, None
+        return bad is None or not bool(bad)
+    grads = [p.grad for p in params if p.grad is not None]
+    if loss_scale != 1.0:
+        torch._foreach_mul_(grads, 1 / loss_scale)
+    if not math.isfinite(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))):
+        return False
+    opt.step()
+    return True
