@@ -116,12 +116,12 @@ class Setup:
 
     def tune(self, steps, batch, memory, trains="all", progress=None):
         cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5, templates=("a photo of {}",),
-                             trains=trains, **e4t.memory_settings(memory, batch))
-        autocast = self.dtype if self.device.type == "cuda" else None
+                             trains=trains, **e4t.memory_settings(memory))
+        precision = e4t.Precision(self.dtype if self.device.type == "cuda" else None)
         return e4t.tune(self.unet, self.encoder, self.offsets, self.image, text_encode=self.text_encode,
                         vae_encode=self.vae_encode, e_domain=self.e_domain, empty_context=self.empty,
                         alphas_cumprod=e4t.sd1_alphas_cumprod(), placeholder="sks", cfg=cfg, features=self.features,
-                        autocast_dtype=autocast, clone_norm_inputs=comfy_models.in_place_residuals(),
+                        precision=precision, clone_norm_inputs=comfy_models.in_place_residuals(),
                         progress=progress)
 
 

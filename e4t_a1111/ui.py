@@ -146,6 +146,8 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
                                    auto_mask=auto_mask or "none")
     except e4t.Interrupted as err:
         return None, "", f"<p>{html.escape(str(err))}; no concept was saved.</p>"
+    except e4t.Diverged as err:
+        return None, "", f"<p>{html.escape(str(err))} No concept was saved.</p>"
     except torch.cuda.OutOfMemoryError:
         return None, "", ("<p>Out of GPU memory while tuning; no concept was saved. Tick <i>Gradient checkpointing</i> and <i>Adam moments in bf16</i>, "
                           "raise <i>Micro-batches per step</i>, train only <i>attention</i>, or lower the batch size.</p>")

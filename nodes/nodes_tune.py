@@ -23,13 +23,6 @@ def _n_layers(clip, tm):
     return (len(tm.encoder.layers) + idx + 1) if idx < 0 else idx + 1
 
 
-def _autocast_dtype(device):
-    """bf16 autocast on GPUs that have it, fp16 on older CUDA GPUs; elsewhere fp32 training."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def _send(event, data):
     """To the client that queued the prompt (progress of the tune node in web/e4t.js)."""
     try:
@@ -104,7 +97,7 @@ class E4TPersonalize:
                     resolution, mask=None, unique_id=None):
         memory = memory_mode(memory, model.load_device)
         cfg = engine.TuneConfig(steps=steps, batch_size=batch_size, lr=lr, reg_lambda=reg_lambda, seed=seed,
-                                trains=trains, resolution=resolution, **engine.memory_settings(memory, batch_size),
+                                trains=trains, resolution=resolution, **engine.memory_settings(memory),
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
         check_unet(model)
         engine_mask = None   # checked before any model is loaded
@@ -155,10 +148,12 @@ class E4TPersonalize:
                 empty_context=empty, alphas_cumprod=engine.alphas_cumprod_of(sampling),
                 scale=e4t.config.scale, placeholder=placeholder, cfg=cfg, mask=engine_mask, features=features,
                 progress=progress, should_stop=comfy.model_management.processing_interrupted,
-                autocast_dtype=_autocast_dtype(device),
+                precision=engine.training_precision(device, half=unet.dtype != torch.float32),
                 clone_norm_inputs=in_place_residuals())
         except engine.Interrupted:
             raise comfy.model_management.InterruptProcessingException()
+        except engine.Diverged as err:
+            raise engine.Diverged(f"E4T Personalize: {err}") from None
         except torch.cuda.OutOfMemoryError as err:     # re-raised as itself: ComfyUI still frees its models
             raise torch.cuda.OutOfMemoryError(
                 f"E4T Personalize ran out of GPU memory in {memory} mode; nothing was changed. Measured peaks of a "
