@@ -48,13 +48,22 @@ def concept_metadata(*, host: str, source: str, source_sha256: str, image_sha256
                      compression: Compression = Compression()) -> dict:
     """`DomainConfig.concept` of a tuned concept, the same keys whichever host tuned it.
 
-    mask: None (whole image), "uploaded", "node" or an automatic kind ("face", "cat")."""
+    source: the host's name of the E4T weights, recorded without `.safetensors` or a folder's trailing `/`
+    (hosts resolve it below their E4T folder); mask: None (whole image), "uploaded", "node" or an automatic
+    kind ("face", "cat")."""
+    source = source_name(source)
     settings = asdict(tune)
     settings["templates"] = list(settings["templates"])
     return {"schema": SCHEMA, "host": host, "source": source, "source_sha256": source_sha256,
             "base_model": base_model, "base_fingerprint": base_fingerprint, "image_sha256": image_sha256,
             "mask": mask, "tune": settings, "losses": [round(float(x), 6) for x in losses],
             "compression": asdict(compression)}
+
+
+def source_name(name: str) -> str:
+    """A host's name of E4T weights as a concept records it: `faces/e4t-face`, whichever host named it."""
+    name = name.replace("\\", "/").rstrip("/")
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
 
 
 _TUNE_KEYS = ("steps", "batch_size", "lr", "reg_lambda", "regularizer", "trains", "augmentation", "n_augmentations",
@@ -94,15 +103,15 @@ def compress(deltas: dict, group: str, compression: Compression) -> dict:
     """{name: delta} -> file tensors of one group (see the module docstring). Deterministic."""
     out = {}
     for name, delta in deltas.items():
-        d = delta.detach().to("cpu", torch.float32)
+        d = delta.detach().float()                   # on its device (a GPU factorises faster), stored from the CPU
         m = d.reshape(d.shape[0], -1) if d.dim() > 1 else d
         if d.dim() < 2 or d.numel() < compression.whole_below or min(m.shape) <= 2 * compression.rank:
-            out[f"delta.{group}.{name}"] = d.contiguous()
+            out[f"delta.{group}.{name}"] = d.cpu().contiguous()
             continue
         u, s, v = _truncated_svd(m, compression)
-        out[f"lowrank.{group}.{name}.u"] = u.half().contiguous()
-        out[f"lowrank.{group}.{name}.s"] = s.contiguous()
-        out[f"lowrank.{group}.{name}.v"] = v.T.reshape(len(s), *d.shape[1:]).half().contiguous()
+        out[f"lowrank.{group}.{name}.u"] = u.to("cpu", torch.float16).contiguous()
+        out[f"lowrank.{group}.{name}.s"] = s.cpu().contiguous()
+        out[f"lowrank.{group}.{name}.v"] = v.T.reshape(len(s), *d.shape[1:]).to("cpu", torch.float16).contiguous()
     return out
 
 
@@ -110,7 +119,7 @@ def _truncated_svd(m: torch.Tensor, compression: Compression):
     total = float(m.square().sum())
     if total == 0:
         return m.new_zeros(m.shape[0], 0), m.new_zeros(0), m.new_zeros(m.shape[1], 0)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
         torch.manual_seed(0)
         u, s, v = torch.svd_lowrank(m, q=min(compression.rank + 8, *m.shape), niter=4)
     kept = (s[:compression.rank].square().cumsum(0) / total)
@@ -148,7 +157,8 @@ def make_concept(source: E4TWeights, result, *, tokens: torch.Tensor, image: tor
     if domain_word:
         config.domain_word = domain_word
     if not config.backbone_sha256 and not source.encoder.clip_vision.conv1.weight.is_meta:
-        config.backbone_sha256 = tensors_sha256(backbone_state(source.encoder.state_dict()))
+        config.backbone_sha256 = source.config.backbone_sha256 = tensors_sha256(backbone_state(   # once per source
+            source.encoder.state_dict()))
     ref = _heads_and_offsets(source)
     tuned = {f"encoder.{k}": v for k, v in result.encoder.state_dict().items() if not k.startswith("clip_vision.")}
     tuned.update({f"offsets.{k}": v for k, v in to_published(result.offsets).items()})

@@ -35,7 +35,10 @@ class Concept:
     129 head matrices are folded into one and then dropped; the tuned U-Net delta is kept."""
 
     def __init__(self, name: str, path: str):
-        weights = e4t.load(path)
+        try:
+            weights = e4t.load(path, find_source=store.source_path)
+        except e4t.E4TFileError as err:
+            raise E4TError(str(err)) from None
         if weights.concept_tokens is None:
             raise E4TError(f"{name!r} is not a personalised concept")
         self.name, self.path, self.config = name, path, weights.config

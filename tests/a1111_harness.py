@@ -860,7 +860,7 @@ def test_tab_and_script_ui_build_and_infotext_restores():
     pasted = {k: updates[f"script_txt2img_e4t_e4t_{k}"].get("value") for k in ("enabled", "concept", "strength", "t_stop")}
     check(pasted["enabled"] is True and pasted["concept"] == "tiny-concept" and float(pasted["strength"]) == 1.0
           and float(pasted["t_stop"]) == 0, f"the webui's paste set {pasted}")
-    check("e4t_concept_dtype" in shared.opts.data_labels, "settings section missing")
+    check("e4t_keep_weights_loaded" in shared.opts.data_labels, "settings section missing")
     # paste: the infotext of an E4T image turns E4T on with its concept, strength and t_stop
     params = infotext_utils.parse_generation_parameters(ENV.last_info)
     script_callbacks.infotext_pasted_callback(ENV.last_info, params)
