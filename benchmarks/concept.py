@@ -111,7 +111,10 @@ def main():
     p.add_argument("--lr", type=float, default=1.6e-5)
     p.add_argument("--ranks", default="1,2,4,8,16", help="compressions to measure: rank per matrix")
     p.add_argument("--samples", type=int, default=4, help="noise draws per timestep and prompt")
+    p.add_argument("--sizes", action="store_true", help="only the full-size file sizes per rank (meta tensors, seconds)")
     args = p.parse_args()
+    if args.sizes:
+        return sizes([int(r) for r in args.ranks.split(",")])
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     t_start = time.time()
     s = Setup(args.tiny, torch.device("cpu"), torch.float32)
@@ -194,7 +197,7 @@ def main():
             path = os.path.join(tmp, f"r{rank}.safetensors")
             e4t.save(concept, path)
             size = os.path.getsize(path)
-            sizes = file_info(path)
+            parts_of = file_info(path)
             e4t.load(path, find_source=find)                       # the source's hash is computed once per file
 
             def read():
@@ -205,13 +208,51 @@ def main():
             t_load = timed(lambda: e4t.load(path, find_source=find), torch.device("cpu"), 3)
             loaded = e4t.load(path, find_source=find)
             e = errors(outputs(s, loaded, samples, prompts), reference, untuned)
-            parts = " / ".join(f"{sizes.get(g, 0) / 2**20:.1f}" for g in ("encoder", "offsets", "unet")) + \
-                f" / {sizes.get('concept', 0) / 2**20:.1f} MiB"
+            parts = " / ".join(f"{parts_of.get(g, 0) / 2**20:.1f}" for g in ("encoder", "offsets", "unet")) + \
+                f" / {parts_of.get('concept', 0) / 2**20:.1f} MiB"
             print(f"| rank {rank} | {size / 2**20:.1f} MiB | {parts} | {e['eps'][0]:.2%} / {e['eps'][1]:.2%} | "
                   f"{e['eps'][2]:.1%} / {e['eps'][3]:.1%} | {e['w'][0]:.2%} / {e['w'][1]:.2%} | "
                   f"{e['w'][2]:.1%} / {e['w'][3]:.1%} | {t_load * 1e3:.0f} ms / {t_read * 1e3:.0f} ms |")
             sys.stdout.flush()
     print(f"\ntotal {time.time() - t_start:.0f} s")
+
+
+def sizes(ranks):
+    """Full-size concept file sizes per rank, from the shapes alone (the format's arithmetic; no tune)."""
+    import tiny_models as tm
+    from e4t_standalone import comfy_models
+    comfy_models.import_comfy(cpu=True)
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with torch.device("meta"):
+        unet = UNetModel(**tm.SD15_UNET, operations=comfy.ops.disable_weight_init, device="meta")
+        enc = e4t.Encoder(e4t.EncoderConfig(), device="meta")
+        offs = e4t.Offsets(e4t.targets(unet.state_dict()), device="meta")
+
+    def size(shapes, comp):
+        total = 0
+        for shape in shapes:
+            n = shape.numel()
+            m, k = shape[0], n // shape[0]
+            whole = len(shape) < 2 or n < comp.whole_below or min(m, k) <= 2 * comp.rank
+            total += 4 * n if whole else comp.rank * (m + k) * 2 + 4 * comp.rank
+        return total
+    groups = {"heads": [p.shape for n, p in enc.named_parameters() if not n.startswith("clip_vision.")],
+              "offsets": [v.shape for v in to_published(offs).values()],
+              "U-Net attention": [p.shape for n, p in unet.named_parameters() if ".attn1." in n or ".attn2." in n],
+              "U-Net all": [p.shape for p in unet.parameters()]}
+    extra = 2 * 129 * 1280 + 512 * 512 * 3                  # tokens fp16, a 512 px image
+    print("| rank (at most) | heads | offsets | U-Net attention | U-Net all | trains attention | trains all |")
+    print("|---|---|---|---|---|---|---|")
+    for r in ranks:
+        b = {g: size(shapes, Compression(rank=r)) for g, shapes in groups.items()}
+        mib = lambda x: f"{x / 2**20:.1f} MiB"
+        print(f"| {r} | {mib(b['heads'])} | {mib(b['offsets'])} | {mib(b['U-Net attention'])} | {mib(b['U-Net all'])} "
+              f"| {mib(b['heads'] + b['offsets'] + b['U-Net attention'] + extra)} "
+              f"| {mib(b['heads'] + b['offsets'] + b['U-Net all'] + extra)} |")
+    fp16 = sum(2 * s.numel() for g in ("heads", "offsets") for s in groups[g]) + extra
+    print(f"| format 1 (fp16, whole) | | | | | {(fp16 + sum(2 * s.numel() for s in groups['U-Net attention'])) / 2**20:.0f} MiB "
+          f"| {(fp16 + sum(2 * s.numel() for s in groups['U-Net all'])) / 2**20:.0f} MiB |")
 
 
 def exact_file_size(groups, s):

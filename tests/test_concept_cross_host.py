@@ -65,15 +65,20 @@ else:
         from comfy_harness import Host
         from test_a1111 import run_harness, webui_python  # noqa: F401  (the same Python and environment)
         from test_comfyui import graph, pack_module
+        import e4t
         host = Host()
+        # the source as one of our files (the webui's own torch.load guard refuses the published folder's pickles)
+        e4t.convert(os.path.join(host.models, "tiny-face"), os.path.join(host.models, "cross-face.safetensors"))
         g = graph(tune={}, key="cross")
+        g["load"]["inputs"]["e4t_name"] = "cross-face.safetensors"
         g["save"] = {"class_type": "E4TSaveConcept", "inputs": {"e4t": ["tune", 1], "filename_prefix": "cross"}}
         executor = host.run(g)
         saved = executor.outputs_ui if hasattr(executor, "outputs_ui") else executor.history_result["outputs"]
         comfy_path = saved["save"]["text"][0]                              # concepts/cross_00001_.safetensors
         data = tmp_path / "a1111-data"
         e4t_dir = data / "models" / "e4t"
-        shutil.copytree(host.models, e4t_dir)                              # the source (tiny-face/) and the concept
+        shutil.copytree(os.path.join(host.models, "concepts"), e4t_dir / "concepts")
+        shutil.copy(os.path.join(host.models, "cross-face.safetensors"), e4t_dir)     # the source
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env["HF_HOME"] = os.path.abspath(os.environ.get("A1111_HF_HOME") or os.environ.get("HF_HOME")
                                          or os.path.join(A1111, "..", "a1111-hf"))
