@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import (CONCEPT_FORMAT_VERSION, DomainConfig, E4TFileError, E4TWeights, atomic_write, backbone_state, build_encoder,
-                         metadata_json, tensors_sha256)
+from .checkpoint import (CONCEPT_FORMAT_VERSION, DomainConfig, E4TFileError, E4TWeights, atomic_write,
+                         backbone_state, build_encoder, metadata_json, tensors_sha256)
 from .encoder import EncoderConfig
 from .offsets import from_published, to_published
 

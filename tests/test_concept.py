@@ -195,3 +195,11 @@ def test_a_newer_concept_format_is_refused_with_what_to_do(folder):
     save_file({"x": torch.zeros(1)}, path, metadata={"e4t": json.dumps({"format_version": 3, "architecture": "e4t-v1"})})
     with pytest.raises(e4t.E4TFileError, match="update the extension"):
         e4t.load(path)
+
+
+def test_another_base_model_is_named_in_the_warning(folder, unet):
+    root, source = folder
+    concept = _concept(source, _tuned(source, unet))
+    concept.config.concept["base_model"] = "v1-5-pruned"
+    assert e4t.check_base(concept.config, "f00") is None
+    assert "(v1-5-pruned), fingerprint f00; this one is 123" in e4t.check_base(concept.config, "123")
