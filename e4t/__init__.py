@@ -2,6 +2,8 @@
 
 Public API (hosts use only these names):
     load, save, convert, E4TWeights, DomainConfig, E4TFileError  -- weight files
+    make_concept, concept_metadata, source_sha256, check_base,
+    Compression                                                   -- personalised concepts (one schema, compressed)
     read_header, read_published_config, load_pickled_state_dict,
     backbone_state, tensors_sha256, walk, pixels_sha256          -- file details, safe reading, backbone proof, folders
     pil_to_tensor                                                 -- PIL image -> (3, h, w) in [0, 1]
@@ -20,6 +22,7 @@ Public API (hosts use only these names):
 """
 from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, load_pickled_state_dict,
                          pixels_sha256, read_header, read_published_config, save, tensors_sha256, walk)
+from .concept import Compression, check_base, concept_metadata, make_concept, source_sha256
 from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures, unet_feature_channels
 from .evaluate import pil_to_tensor
 from .facemask import CASCADES, MaskUnavailable, detect_mask
@@ -34,7 +37,8 @@ from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
 from .precision import Precision, training_precision
 from .tune import PRESETS, Diverged, Interrupted, TuneConfig, TuneResult, augment, memory_settings, preset, tune
 
-__all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "read_header",
+__all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "make_concept", "concept_metadata",
+           "source_sha256", "check_base", "Compression", "read_header",
            "read_published_config", "load_pickled_state_dict", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",

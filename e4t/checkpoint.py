@@ -22,7 +22,8 @@ from torch import nn
 from .encoder import Encoder, EncoderConfig
 from .offsets import Offsets, from_published, load_checked, to_published
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1                 # E4T weights; personalised concepts are format 2 (concept.py)
+CONCEPT_FORMAT_VERSION = 2
 ARCHITECTURE = "e4t-v1"            # published layout: ViT tokens + U-Net maps heads, rank-3 q/k/v offsets
 STOCK_BACKBONE = "ViT-H-14/laion2b_s32b_b79k"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -60,6 +61,8 @@ class E4TWeights:
     concept_tokens: torch.Tensor | None = None         # cached ViT tokens of the concept image
     concept_image: torch.Tensor | None = None          # (H, W, 3) uint8
     extra: dict = field(default_factory=dict)          # published extras kept as read (unet.pt base weights, text encoder)
+    packed: dict | None = None                         # a concept's file tensors (compressed deltas; see concept.py)
+    heads_sha256: str = ""                             # cache of concept.source_sha256
 
 
 # --- safe reading ---------------------------------------------------------------------------------
@@ -236,8 +239,14 @@ def load_published(folder: str) -> E4TWeights:
 # --- our format -----------------------------------------------------------------------------------
 
 def save(weights: E4TWeights, path: str, dtype: str = "fp16", include_backbone: bool = True):
-    """Write one `.safetensors` file atomically (temporary file in the same folder, then rename)."""
+    """Write one `.safetensors` file atomically (temporary file in the same folder, then rename).
+    A personalised concept is written in the concept format (`concept.save_concept`; dtype and
+    include_backbone do not apply to it)."""
     from safetensors.torch import save_file
+
+    if weights.concept_tokens is not None:
+        from .concept import save_concept
+        return save_concept(weights, path)
 
     cast = DTYPES[dtype]
     cfg = DomainConfig.from_json(asdict(weights.config))
@@ -253,17 +262,29 @@ def save(weights: E4TWeights, path: str, dtype: str = "fp16", include_backbone: 
         tensors["concept.tokens"] = weights.concept_tokens.detach().to("cpu", cast).contiguous()
     if weights.concept_image is not None:
         tensors["concept.image"] = weights.concept_image.detach().to("cpu", torch.uint8).contiguous()
-    meta = {"e4t": json.dumps({"format_version": FORMAT_VERSION, "architecture": ARCHITECTURE, **asdict(cfg)})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata_json(cfg, FORMAT_VERSION)))
+
+
+def metadata_json(cfg: DomainConfig, version: int) -> dict:
+    """The safetensors metadata of our files: the config as JSON under `e4t`."""
+    return {"e4t": json.dumps({"format_version": version, "architecture": ARCHITECTURE, **asdict(cfg)})}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, write):
     """write(tmp) into a temporary file beside `path`, flushed to disk, then renamed over `path`:
-    readers see the old file or the whole new one, never half a file."""
+    readers see the old file or the whole new one, never half a file. The file gets the permissions
+    of any newly created file (0666 less the umask), not the temporary file's 0600."""
     fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -294,20 +315,24 @@ def read_header(path: str) -> dict:
         raise E4TFileError(f"{path}: not an E4T file (no 'e4t' metadata); convert published folders with "
                            f"`python -m e4t convert`")
     data = json.loads(meta["e4t"])
-    if data.get("format_version", 0) > FORMAT_VERSION or data.get("architecture") != ARCHITECTURE:
+    if data.get("format_version", 0) > CONCEPT_FORMAT_VERSION or data.get("architecture") != ARCHITECTURE:
         raise E4TFileError(f"{path}: format {data.get('architecture')} v{data.get('format_version')} is not "
-                           f"supported by this version ({ARCHITECTURE} v{FORMAT_VERSION}); update the extension")
+                           f"supported by this version ({ARCHITECTURE} v{CONCEPT_FORMAT_VERSION}); update the extension")
     return data
 
 
-def load_file(path: str, backbone: dict | None = None) -> E4TWeights:
+def load_file(path: str, backbone: dict | None = None, find_source=None) -> E4TWeights:
     """Read our `.safetensors` (memory-mapped). `backbone`: a stock ViT state dict, used only for a
-    file that carries none, and only if its tensor hash equals the one recorded at conversion."""
+    file that carries none, and only if its tensor hash equals the one recorded at conversion.
+    find_source(name) -> path: where the E4T weights a concept names are (see `concept.load_concept`)."""
     from safetensors.torch import load_file as st_load
 
     data = read_header(path)
-    cfg = DomainConfig.from_json(data)
     sd = st_load(path)
+    if data.get("format_version", 1) >= CONCEPT_FORMAT_VERSION:
+        from .concept import load_concept
+        return load_concept(path, data, sd, find_source)
+    cfg = DomainConfig.from_json(data)
     groups = {}
     for key, value in sd.items():
         group, _, name = key.partition(".")
@@ -325,18 +350,21 @@ def load_file(path: str, backbone: dict | None = None) -> E4TWeights:
                            f"file it was converted against")
     encoder = build_encoder(EncoderConfig(**cfg.encoder), enc_sd)
     offsets = from_published(groups.get("offsets", {})).requires_grad_(False).eval()
+    if concept:
+        from .concept import upgrade_metadata
+        cfg.concept = upgrade_metadata(cfg.concept)
     return E4TWeights(config=cfg, encoder=encoder, offsets=offsets, unet_delta=groups.get("unet_delta", {}),
                       concept_tokens=concept.get("tokens"), concept_image=concept.get("image"))
 
 
-def load(path: str, backbone: dict | None = None) -> E4TWeights:
+def load(path: str, backbone: dict | None = None, find_source=None) -> E4TWeights:
     """Either a published folder (or a file inside one) or one of our `.safetensors` files."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return load_published(path)
     if path.endswith((".pt", ".bin", ".json")):
         return load_published(os.path.dirname(path))
-    return load_file(path, backbone)
+    return load_file(path, backbone, find_source)
 
 
 def convert(folder: str, out: str, stock_backbone: str | None = None, dtype: str = "fp16"):

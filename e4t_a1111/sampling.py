@@ -35,7 +35,10 @@ class Concept:
     129 head matrices are folded into one and then dropped; the tuned U-Net delta is kept."""
 
     def __init__(self, name: str, path: str):
-        weights = e4t.load(path)
+        try:
+            weights = e4t.load(path, find_source=store.source_path)
+        except e4t.E4TFileError as err:
+            raise E4TError(str(err)) from None
         if weights.concept_tokens is None:
             raise E4TError(f"{name!r} is not a personalised concept")
         self.name, self.path, self.config = name, path, weights.config
@@ -318,9 +321,9 @@ class Runtime:
             session = Session(p, concept_name, strength, t_stop)
             self.sessions[id(p)] = (p, session, guard)
             p.extra_generation_params.update(session.infotext())
-            fingerprint = session.concept.config.concept.get("base_fingerprint")
-            if fingerprint and fingerprint != host.base_fingerprint(session.unet):
-                p.comment(f"E4T: {concept_name} was tuned on another base checkpoint; its U-Net changes may not fit")
+            warning = e4t.check_base(session.concept.config, host.base_fingerprint(session.unet))
+            if warning:
+                p.comment(f"E4T: {concept_name}: {warning}")
             prompts = list(p.all_prompts or []) + list(getattr(p, "all_hr_prompts", None) or [])
             if not any(session.placeholder_text in text for text in prompts):
                 p.comment(f"E4T: no prompt contains the placeholder {session.placeholder_text}; "

@@ -89,6 +89,12 @@ def load(path: str, keep: bool = True) -> e4t.E4TWeights:
     return weights
 
 
+def source_path(name: str) -> str | None:
+    """Where the E4T weights a concept names are (for `e4t.load`), or None."""
+    path = entries().get(name)
+    return path if path is not None and kind(path) == WEIGHTS else None
+
+
 def file_hash(path: str, name: str) -> str:
     """sha256 of the file through the webui's hash cache (computed once per file version)."""
     from modules import hashes

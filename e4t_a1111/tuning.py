@@ -4,18 +4,16 @@ The engine's `e4t.tune` trains copies (heads, offsets, U-Net weights substituted
 the webui's model is never changed. This module supplies what it needs from the webui: the U-Net,
 a differentiable text encoder with the word at a one-token marker (the webui's own CLIP, CLIP skip
 as set), the VAE encoder the user selected, the noise schedule; and it saves the result in the
-format the ComfyUI pack reads (`e4t.save`, concept tokens and image, tuned U-Net delta,
-`config.concept` with the image hash and the tune settings).
+format and metadata schema the ComfyUI pack writes and reads (`e4t.make_concept`, `e4t.save`).
 """
 import os
 import re
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 import e4t
-from e4t import backbone_state, tensors_sha256
 
 from . import host, store
 from .host import E4TError
@@ -144,23 +142,15 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
                           cfg=cfg, mask=mask_t, features=features,
                           progress=progress, should_stop=should_stop,
                           precision=e4t.training_precision(device, half=devices.dtype_unet != torch.float32))
-        config = e4t.DomainConfig.from_json(asdict(weights.config))
-        config.domain_word = domain_word
-        config.reg_lambda = cfg.reg_lambda
-        if not config.backbone_sha256:             # concepts carry the image tokens, not the ViT
-            config.backbone_sha256 = weights.config.backbone_sha256 = tensors_sha256(backbone_state(
-                encoder.state_dict()))
-        config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": host.base_fingerprint(unet),
-                          "base_model": getattr(sd_model.sd_checkpoint_info, "name_for_extra", ""),
-                          "source": weights_name, "masked": mask_t is not None,
-                          "mask": mask_source if mask_t is not None else None, "host": "a1111",
-                          "tune": {**asdict(cfg), "templates": list(cfg.templates)},
-                          "losses": [round(x, 6) for x in result.losses]}
-        concept = e4t.E4TWeights(config=config, encoder=result.encoder, offsets=result.offsets,
-                                 unet_delta=result.unet_delta, concept_tokens=features.tokens,
-                                 concept_image=image_uint8(image))
+        metadata = e4t.concept_metadata(
+            host="a1111", source=weights_name, source_sha256=e4t.source_sha256(weights),
+            image_sha256=image_sha256(image), base_fingerprint=host.base_fingerprint(unet),
+            base_model=getattr(sd_model.sd_checkpoint_info, "name_for_extra", ""), tune=cfg, losses=result.losses,
+            mask=mask_source if mask_t is not None else None)
+        concept = e4t.make_concept(weights, result, tokens=features.tokens, image=image_uint8(image),
+                                   metadata=metadata, domain_word=domain_word)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        e4t.save(concept, out, dtype=host.opt("e4t_concept_dtype", "fp16"), include_backbone=False)
+        e4t.save(concept, out)
         return out, result.losses
     finally:
         weights.encoder.to("cpu")

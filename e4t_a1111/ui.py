@@ -245,10 +245,7 @@ def infotext_pasted(infotext, params):
 
 def settings():
     """on_ui_settings: the E4T section of the webui's settings."""
-    import gradio as gr
     from modules import shared
     section = ("e4t", "E4T")
     shared.opts.add_option("e4t_keep_weights_loaded", shared.OptionInfo(
         True, "Keep the last E4T weights file in RAM between tunes", section=section))
-    shared.opts.add_option("e4t_concept_dtype", shared.OptionInfo(
-        "fp16", "Precision of saved concepts", gr.Radio, {"choices": ["fp16", "fp32"]}, section=section))

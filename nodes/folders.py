@@ -36,3 +36,13 @@ def full_path(name: str) -> str:
 
 def save_dir() -> str:
     return folder_paths.get_folder_paths("e4t")[0]
+
+
+def source_path(name: str) -> str | None:
+    """Where the E4T weights a concept names (`e4t.concept.source_name`) are: a file or a published folder."""
+    for candidate in (name + ".safetensors", name):
+        for root in folder_paths.get_folder_paths("e4t"):
+            path = os.path.join(root, candidate)
+            if os.path.isfile(path) or os.path.isfile(os.path.join(path, "encoder.pt")):
+                return path
+    return None

@@ -15,4 +15,4 @@ class E4TLoader:
     DESCRIPTION = "Loads E4T weights (encoder + weight offsets) or a saved personalised concept."
 
     def load(self, e4t_name):
-        return (E4T(engine.load(folders.full_path(e4t_name)), e4t_name),)
+        return (E4T(engine.load(folders.full_path(e4t_name), find_source=folders.source_path), e4t_name),)

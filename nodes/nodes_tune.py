@@ -1,6 +1,5 @@
 """E4T Personalize: tune encoder heads, offsets and U-Net on one concept image (paper §3.4)."""
 import hashlib
-from dataclasses import asdict
 
 import torch
 
@@ -9,7 +8,7 @@ import comfy.model_management
 import comfy.utils
 
 from .. import e4t as engine
-from ..e4t import DomainConfig, E4TWeights, line_plot
+from ..e4t import line_plot
 from ..e4t_standalone.comfy_models import in_place_residuals
 from .model import E4T, image_sha256, image_to_engine, image_uint8
 from .prompt import PlaceholderPrompt
@@ -30,17 +29,6 @@ def _send(event, data):
         PromptServer.instance.send_sync(event, data, PromptServer.instance.client_id)
     except (ImportError, AttributeError):
         pass
-
-
-def _rounded(weights: E4TWeights, dtype=torch.float16) -> E4TWeights:
-    """Round a tuned concept to its file precision, so the returned MODEL is exactly what a save reloads."""
-    cast = lambda m: m.to(dtype).float()
-    weights.unet_delta = {k: v.to(dtype) for k, v in weights.unet_delta.items()}
-    weights.concept_tokens = weights.concept_tokens.to(dtype)
-    for p in weights.encoder.heads():
-        p.data = p.data.to(dtype).float()
-    cast(weights.offsets)
-    return weights
 
 
 def _trainable(patcher, what):
@@ -163,13 +151,12 @@ class E4TPersonalize:
             if training:
                 comfy.model_management.in_training = False
 
-        config = DomainConfig.from_json(asdict(e4t.config))
-        config.concept = {"image_sha256": image_sha256(image), "base_fingerprint": base_fingerprint(model),
-                          "source": e4t.name, "losses": result.losses, **{k: v for k, v in asdict(cfg).items()
-                                                                           if k not in ("templates",)}}
-        tuned = E4T(_rounded(E4TWeights(config=config, encoder=result.encoder.cpu(), offsets=result.offsets.cpu(),
-                                         unet_delta={k: v.cpu() for k, v in result.unet_delta.items()},
-                                         concept_tokens=features.tokens.detach().cpu(), concept_image=image_uint8(image))),
-                    f"{e4t.name} + {hashlib.sha256(config.concept['image_sha256'].encode()).hexdigest()[:8]}")
+        metadata = engine.concept_metadata(
+            host="comfyui", source=e4t.name, source_sha256=engine.source_sha256(e4t.weights),
+            image_sha256=image_sha256(image), base_fingerprint=base_fingerprint(model), tune=cfg, losses=result.losses,
+            mask=None if engine_mask is None else "node")
+        tuned = E4T(engine.make_concept(e4t.weights, result, tokens=features.tokens, image=image_uint8(image),
+                                        metadata=metadata),
+                    f"{e4t.name} + {hashlib.sha256(metadata['image_sha256'].encode()).hexdigest()[:8]}")
         plot = line_plot(range(1, len(result.losses) + 1), result.losses, "E4T tuning loss", "step", "loss")
         return (apply_e4t(model, clip, tuned, None, 1.0, 0), tuned, plot[None])   # the saved tokens, as a reload uses

@@ -13,7 +13,7 @@ import comfy.conds
 import comfy.model_management
 import comfy.model_patcher
 
-from ..e4t import Refinement
+from ..e4t import Refinement, check_base
 from .model import E4T
 from .patches import PREFIX, add_e4t_patches, unpatched
 from .prompt import LEGACY, encode_tokens
@@ -149,10 +149,10 @@ def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_v
     check_unet(model)
     if clip_vision is not None:
         e4t.use_stock_backbone(clip_vision)
-    fingerprint = e4t.config.concept.get("base_fingerprint")
-    if fingerprint and fingerprint != base_fingerprint(model):
-        logging.warning("E4T: concept %s was tuned on another base model; its U-Net changes may not fit this one",
-                        e4t.name)
+    if e4t.config.concept:
+        warning = check_base(e4t.config, base_fingerprint(model))
+        if warning:
+            logging.warning("E4T: %s: %s", e4t.name, warning)
     features = e4t.features(image, comfy.model_management.get_torch_device())
     folded = e4t.weights.encoder.fold(type(features)(tokens=features.tokens.float().cpu()))
     tm = text_model(clip.cond_stage_model)

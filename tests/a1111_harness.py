@@ -735,11 +735,11 @@ def test_tune_inside_webui_saves_a_concept():
     check(plot is not None and "Saved" in message, f"tune failed: {message}")
     check(plot.size == (512, 320), f"loss plot size {plot.size}")
     path = os.path.join(ENV.e4t_dir, "tuned", "test.safetensors")
-    concept = e4t.load(path)
+    concept = e4t.load(path, find_source=store.source_path)
     source = e4t.load(os.path.join(ENV.e4t_dir, "tiny-e4t.safetensors"))
     check(concept.concept_tokens is not None and concept.concept_image.shape == (72, 56, 3), "concept data missing")
     check(concept.config.concept["image_sha256"] == tuning.image_sha256(image), "image hash missing")
-    check(len(concept.config.concept["losses"]) == 2 and concept.config.concept["masked"], "tune record missing")
+    check(len(concept.config.concept["losses"]) == 2 and concept.config.concept["host"] == "a1111", "tune record missing")
     check(concept.config.concept["mask"] == "uploaded", f"mask source {concept.config.concept.get('mask')!r}")
     check(len(concept.unet_delta) == len(list(ENV.unet.parameters())), "tuned U-Net delta incomplete")
     check(any(v.float().abs().max() > 0 for v in concept.unet_delta.values()), "the U-Net delta is zero")
@@ -824,9 +824,8 @@ def test_tune_with_automatic_face_mask():
     expected = e4t.detect_mask((pixels.permute(1, 2, 0) + 1) / 2, "face")
     check(len(given) == 1 and given[0] is not None and given[0].shape == (512, 512) and
           bool((given[0] == expected).all()), "the tune did not get the detected face mask")
-    record = e4t.load(os.path.join(ENV.e4t_dir, "masked", "astronaut.safetensors")).config.concept
-    check(record["masked"] is True and record["mask"] == "face", f"concept record: masked {record.get('masked')}, "
-                                                                 f"mask {record.get('mask')}")
+    record = e4t.read_header(os.path.join(ENV.e4t_dir, "masked", "astronaut.safetensors"))["concept"]
+    check(record["mask"] == "face", f"concept record: mask {record.get('mask')}")
     return {"opencv": True, "astronaut": True, "message": message, "mask_fraction": float(given[0].mean())}
 
 
@@ -860,7 +859,7 @@ def test_tab_and_script_ui_build_and_infotext_restores():
     pasted = {k: updates[f"script_txt2img_e4t_e4t_{k}"].get("value") for k in ("enabled", "concept", "strength", "t_stop")}
     check(pasted["enabled"] is True and pasted["concept"] == "tiny-concept" and float(pasted["strength"]) == 1.0
           and float(pasted["t_stop"]) == 0, f"the webui's paste set {pasted}")
-    check("e4t_concept_dtype" in shared.opts.data_labels, "settings section missing")
+    check("e4t_keep_weights_loaded" in shared.opts.data_labels, "settings section missing")
     # paste: the infotext of an E4T image turns E4T on with its concept, strength and t_stop
     params = infotext_utils.parse_generation_parameters(ENV.last_info)
     script_callbacks.infotext_pasted_callback(ENV.last_info, params)
