@@ -12,11 +12,13 @@ Public API (hosts use only these names):
     encode_with_word, WordInjector, domain_embedding, MARKERS     -- placeholder injection in CLIP text
     tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted,
     augment, memory_settings, CompactAdamW                        -- one-image tuning (memory modes; bf16-moment AdamW)
+    concept_weights, base_fingerprint, memory_mode, autocast_dtype -- a tuned concept as hosts save it; device rules
     pretrain, PretrainConfig, image_files, load_image, ddim       -- domain pre-training, sample images
     detect_mask, MaskUnavailable, CASCADES                        -- automatic face / cat masks (OpenCV)
     line_plot, scatter_plot                                       -- plots as images
     sd1_alphas_cumprod, alphas_cumprod_of                         -- noise schedules (SD1.x; a host's)
 """
+from .concept import FAST_MODE_GIB, autocast_dtype, base_fingerprint, concept_weights, memory_mode
 from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, load_pickled_state_dict,
                          pixels_sha256, read_header, read_published_config, save, tensors_sha256, walk)
 from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures, unet_feature_channels
@@ -37,5 +39,6 @@ __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileErro
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "augment", "memory_settings", "CompactAdamW",
+           "concept_weights", "base_fingerprint", "memory_mode", "autocast_dtype", "FAST_MODE_GIB",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
            "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of"]
