@@ -94,3 +94,11 @@ def test_launcher_runs_the_command_line_from_another_folder(tmp_path):
     plain = subprocess.run([sys.executable, "-m", "e4t", "convert", "--help"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert plain.returncode != 0 and "No module named e4t" in plain.stderr     # why the launcher exists
+
+
+def test_memory_mode_and_autocast_rules():
+    """The one rule the node and the command line use: auto -> fast on the CPU and on GPUs of 46 GiB or more."""
+    assert e4t.memory_mode("auto", "cpu") == "fast" and e4t.autocast_dtype("cpu") is None
+    assert e4t.memory_mode("auto", "cuda:0", total_memory=80 * 2**30) == "fast"
+    assert e4t.memory_mode("auto", "cuda:0", total_memory=24 * 2**30) == "low_vram"
+    assert e4t.memory_mode("low_vram", "cpu") == "low_vram" and e4t.memory_mode("fast", "cuda:0") == "fast"
