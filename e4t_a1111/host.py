@@ -154,12 +154,9 @@ class Placeholder:
 
 
 def base_fingerprint(unet) -> str:
-    """The base U-Net's first and last convolution (LoRAs leave them alone), as the ComfyUI pack computes it."""
-    import hashlib
-    h = hashlib.sha256()
-    for module in (unet.input_blocks[0][0], unet.out[2]):
-        h.update(module.weight.detach().to("cpu", torch.float16).numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The engine's fingerprint of the base U-Net, as the ComfyUI pack records it."""
+    import e4t
+    return e4t.base_fingerprint(unet.input_blocks[0][0].weight, unet.out[2].weight)
 
 
 def clear_cond_caches(p):

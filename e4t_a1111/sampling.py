@@ -326,8 +326,11 @@ class Runtime:
                 p.comment(f"E4T: {concept_name}: {warning}")
             prompts = list(p.all_prompts or []) + list(getattr(p, "all_hr_prompts", None) or [])
             if not any(session.placeholder_text in text for text in prompts):
-                p.comment(f"E4T: no prompt contains the placeholder {session.placeholder_text}; "
-                          f"only the concept's U-Net weights apply")
+                warning = (f"no prompt contains the placeholder {session.placeholder_text}; only the concept's "
+                           f"U-Net weights apply")
+                p.comment(f"E4T: {warning}")                        # the UI shows comments
+                p.extra_generation_params["E4T warning"] = warning   # API callers get infotexts and these
+                log.warning("E4T: %s", warning)
         except Exception as err:
             self.fail(p, err)
 

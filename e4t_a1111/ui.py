@@ -14,7 +14,10 @@ function(...args) {
     var id = randomId();
     gradioApp().getElementById('e4t_tune_progress').innerHTML = '';
     requestProgress(id, gradioApp().getElementById('e4t_tune_output'), gradioApp().getElementById('e4t_tune_plot'),
-        function() {}, function(progress) {
+        function() {
+            // the last poll's text ("Waiting..." when the job failed before it started) must not stay
+            gradioApp().getElementById('e4t_tune_progress').innerHTML = '';
+        }, function(progress) {
             gradioApp().getElementById('e4t_tune_progress').innerHTML = progress.textinfo || '';
         });
     args[0] = id;
@@ -43,13 +46,17 @@ def tab():
 
     if host.is_forge():
         return _forge_tab()
+    os.makedirs(store.folder(), exist_ok=True)       # where the hint below tells users to put the weights
     with gr.Blocks(analytics_enabled=False) as block:
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
                 with gr.Row():
                     weights = gr.Dropdown(label="E4T weights", choices=store.names(store.WEIGHTS), elem_id="e4t_weights")
-                    ui_common.create_refresh_button(weights, lambda: None,
-                                                    lambda: {"choices": store.names(store.WEIGHTS)}, "e4t_weights_refresh")
+                    refresh = ui_common.create_refresh_button(weights, lambda: None,
+                                                              lambda: {"choices": store.names(store.WEIGHTS)},
+                                                              "e4t_weights_refresh")
+                hint = gr.Markdown(weights_hint(), elem_id="e4t_weights_hint")
+                refresh.click(fn=weights_hint, inputs=[], outputs=[hint], show_progress=False)
                 with gr.Row():
                     image = gr.Image(label="Concept image", type="pil", source="upload", elem_id="e4t_image")
                     mask = gr.Image(label="Mask (optional; white = the concept)", type="pil", source="upload",
@@ -86,7 +93,8 @@ def tab():
                     interrupt = gr.Button("Interrupt", elem_id="e4t_interrupt")
                     run = gr.Button("Tune", variant="primary", elem_id="e4t_tune")
             with gr.Column(variant="panel"):
-                output = gr.Text(value="", show_label=False, elem_id="e4t_tune_output")
+                output = gr.Text(value="", label="Status", placeholder="the tune's progress bar shows here; "
+                                 "results and errors below", interactive=False, elem_id="e4t_tune_output")
                 plot = gr.Image(label="Tuning loss", type="pil", interactive=False, elem_id="e4t_tune_plot")
                 gr.HTML(elem_id="e4t_tune_progress")
                 result = gr.HTML(elem_id="e4t_tune_result")
@@ -100,6 +108,22 @@ def tab():
                           trains, micro, seed, overwrite, auto_mask, checkpointing, compact],
                   outputs=[plot, output, result])
     return [(block, "E4T", "e4t")]
+
+
+PUBLISHED = "https://huggingface.co/mkshing/e4t-diffusion-ffhq-celebahq-v1"
+
+
+def weights_hint() -> str:
+    """Under the weights dropdown: where E4T weights go and, while there are none, where to get them."""
+    root = store.folder()
+    if store.names(store.WEIGHTS):
+        return f"E4T weights are read from `{root}`."
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return (f"**No E4T weights yet.** Put them in `{root}`: download `config.json`, `encoder.pt` and "
+            f"`weight_offsets.pt` of [mkshing/e4t-diffusion-ffhq-celebahq-v1]({PUBLISHED}) (the published face "
+            f"model) into a sub-folder there (e.g. `{os.path.join(root, 'e4t-face')}`), or convert them to one "
+            f"smaller file with `python {os.path.join(here, 'e4t_cli.py')} convert FOLDER "
+            f"{os.path.join(root, 'e4t-face.safetensors')}`; then press the refresh button.")
 
 
 def preset_values(name):

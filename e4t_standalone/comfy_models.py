@@ -159,6 +159,30 @@ def tiny_vae(seed=2):
         return comfy.sd.VAE(sd=ae.state_dict(), config={"params": TINY_VAE})
 
 
+def tiny_encoder(sd1) -> "e4t.Encoder":
+    """A random-weight E4T encoder (tiny ViT) whose heads fit the tiny U-Net and text model of `sd1`."""
+    import e4t
+    cfg = e4t.EncoderConfig(vit_width=80, vit_layers=2, vit_heads=1, vit_patch=8, image_size=32,
+                            unet_dim=sum(e4t.unet_feature_channels(TINY_UNET["model_channels"], TINY_UNET["channel_mult"],
+                                                                  TINY_UNET["num_res_blocks"][0])),
+                            word_dim=sd1.text_model.embeddings.token_embedding.weight.shape[1])
+    return e4t.Encoder(cfg)
+
+
+@contextmanager
+def comfy_training():
+    """Newer ComfyUI's ops take autograd-safe paths while `in_training` is set: on for a tune."""
+    import comfy.model_management as mm
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = False
+
+
 def in_place_residuals() -> bool:
     """ComfyUI before 2025 adds transformer residuals in place, which autograd refuses (see e4t.training_mode)."""
     from comfy.ldm.modules.attention import BasicTransformerBlock

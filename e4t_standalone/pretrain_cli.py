@@ -8,7 +8,7 @@ import e4t
 from e4t import (PretrainConfig, augment, backbone_state, ddim, image_files, load_image, load_pickled_state_dict,
                  pretrain)
 
-from .comfy_models import SD1, import_comfy, in_place_residuals
+from .comfy_models import SD1, import_comfy, in_place_residuals, tiny_encoder
 
 
 def _read(path):
@@ -34,10 +34,7 @@ def _encoder(args, sd1):
         weights = e4t.load(args.init)
         return weights.encoder, weights.offsets.float(), weights.config
     if args.tiny:
-        cfg = e4t.EncoderConfig(vit_width=80, vit_layers=2, vit_heads=1, vit_patch=8, image_size=32,
-                                unet_dim=sum(e4t.unet_feature_channels(32, (1, 2), 2)),
-                                word_dim=sd1.text_model.embeddings.token_embedding.weight.shape[1])
-        encoder = e4t.Encoder(cfg)
+        encoder = tiny_encoder(sd1)
     else:
         if not args.vit:
             raise e4t.E4TFileError("give --vit (the ViT-H/14 CLIP-vision weights, open_clip or Hugging Face "

@@ -4,7 +4,6 @@ At every model evaluation the wrapper predicts w from the current noisy latent (
 path with the empty prompt) and the cached concept-image features, re-encodes only the conditioning
 made by "E4T Text Encode", and leaves every other conditioning (negative prompt included) untouched.
 """
-import hashlib
 import logging
 
 import torch
@@ -13,7 +12,7 @@ import comfy.conds
 import comfy.model_management
 import comfy.model_patcher
 
-from ..e4t import Refinement, check_base
+from ..e4t import Refinement, base_fingerprint as fingerprint, check_base
 from .model import E4T
 from .patches import PREFIX, add_e4t_patches, unpatched
 from .prompt import LEGACY, encode_tokens
@@ -27,12 +26,9 @@ KEY = "e4t"
 
 
 def base_fingerprint(model) -> str:
-    """Identifies the base U-Net by its first and last convolution (which LoRAs leave alone)."""
+    """The engine's fingerprint of the base U-Net (first and last convolution, without any patch)."""
     sd = model.model_state_dict()
-    h = hashlib.sha256()
-    for k in (PREFIX + "input_blocks.0.0.weight", PREFIX + "out.2.weight"):
-        h.update(unpatched(model, k, sd).detach().to("cpu", torch.float16).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return fingerprint(*(unpatched(model, PREFIX + k, sd) for k in ("input_blocks.0.0.weight", "out.2.weight")))
 
 
 def check_unet(model):

@@ -906,6 +906,41 @@ def test_low_vram_sampling_works_and_tuning_refuses():
     return {"calls": len(ENV.probe.cond_rows), "refusal": message}
 
 
+@case()
+def test_newcomer_tab_hints_and_api_warning():
+    """An empty weights folder is created and the tab says where weights go and where to get them; the status
+    box has a label; a job whose prompt lacks the placeholder warns in what the API returns."""
+    import json as _json
+    import tempfile
+    from modules import shared
+    from e4t_a1111 import ui
+    check("e4t_tune_progress').innerHTML = ''" in ui.TUNE_JS.split("function(progress)")[0],
+          "the progress text is not cleared when the tune ends (a failed job would keep 'Waiting...')")
+    saved = shared.cmd_opts.e4t_dir
+    empty = os.path.join(tempfile.mkdtemp(), "models", "e4t")
+    shared.cmd_opts.e4t_dir = empty
+    try:
+        blocks = ui.tab()[0][0]
+        check(os.path.isdir(empty), "the tab did not create the E4T folder")
+        comps = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
+        hint = comps["e4t_weights_hint"].value
+        check("No E4T weights yet" in hint and empty in hint and "mkshing/e4t-diffusion-ffhq-celebahq-v1" in hint
+              and "e4t_cli.py convert" in hint, f"hint: {hint}")
+        status = comps["e4t_tune_output"]
+        check(status.label == "Status" and status.show_label, f"status box label {status.label!r}")
+    finally:
+        shared.cmd_opts.e4t_dir = saved
+    check(ui.weights_hint().startswith("E4T weights are read from"), f"hint with weights: {ui.weights_hint()}")
+    _, res = generate("a photo of a cat", concept_args(), steps=2)
+    info = _json.loads(res.js())
+    warning = info["extra_generation_params"].get("E4T warning", "")
+    check("placeholder *s" in warning and "E4T warning" in info["infotexts"][0], f"API info: {info}")
+    check("E4T: tiny-concept" in info["infotexts"][0], "E4T missing from the infotext")
+    _, res = generate("a photo of *s", concept_args(), steps=2)
+    check("E4T warning" not in res.js(), "warning without cause")
+    return {"hint": hint[:80], "warning": warning}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--webui", required=True)

@@ -123,6 +123,10 @@ def test_tab_and_script_ui_build_and_infotext_restores(webui):
     details(webui, "test_tab_and_script_ui_build_and_infotext_restores")
 
 
+def test_newcomer_tab_hints_and_api_warning(webui):
+    details(webui, "test_newcomer_tab_hints_and_api_warning")
+
+
 def test_low_vram_sampling_works_and_tuning_refuses(webui_low_vram):
     details(webui_low_vram, "test_extension_is_discovered")
     assert "--medvram" in details(webui_low_vram, "test_low_vram_sampling_works_and_tuning_refuses")["refusal"]

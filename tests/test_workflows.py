@@ -12,6 +12,7 @@ from tiny_models import tiny_model
 
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
+FRONT_END_ONLY = ("Note", "MarkdownNote")     # drawn by the front end, never part of the prompt
 USER_FILES = {"ckpt_name", "image", "e4t_name", "lora_name", "concept"}   # names of the user's own files
 
 
@@ -32,6 +33,8 @@ def to_api(workflow, classes):
     nodes = {n["id"]: n for n in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:
+        if node["type"] in FRONT_END_ONLY:
+            continue
         spec = classes[node["type"]].INPUT_TYPES()
         declared = {**spec["required"], **spec.get("optional", {})}
         values, inputs = list(node["widgets_values"]), {}
@@ -84,6 +87,31 @@ def tiny(prompt):
 def test_there_are_the_three_documented_examples():
     names = [os.path.basename(w) for w in WORKFLOWS]
     assert len(names) >= 3 and any("lora" in n for n in names) and any("mask" in n for n in names)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_example_workflow_guides_a_newcomer(path):
+    """A note says which files to pick and where E4T weights go; the front end's missing-models panel gets
+    each model's folder (and SD1.5's download); a thumbnail; links run left to right without long loops."""
+    with open(path) as f:
+        workflow = json.load(f)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in FRONT_END_ONLY]
+    assert len(notes) == 1
+    for words in ("Load Checkpoint", "Load E4T", "Load Image", "models/e4t", "e4t_cli.py convert", "*s"):
+        assert words in notes[0], words
+    for node in workflow["nodes"]:
+        models = node.get("properties", {}).get("models")
+        if node["type"] in ("E4TLoader", "CheckpointLoaderSimple"):
+            assert [m["name"] for m in models] == node["widgets_values"][:1]      # the front end matches by value
+            assert models[0]["directory"] == ("e4t" if node["type"] == "E4TLoader" else "checkpoints")
+            assert "url" not in models[0] or models[0]["url"].startswith("https://huggingface.co/")
+    for _, src, _, dst, _, _ in workflow["links"]:
+        (x0, y0), (x1, y1) = nodes[src]["pos"], nodes[dst]["pos"]
+        assert x1 > x0, (nodes[src]["type"], nodes[dst]["type"])                    # no link loops back
+        if nodes[src]["type"] == "E4TLoader":
+            assert abs(x1 - x0) + abs(y1 - y0) < 600, (nodes[src]["type"], nodes[dst]["type"])
+    assert os.path.exists(path[:-len(".json")] + ".jpg"), "no thumbnail (the front end shows <name>.jpg)"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
