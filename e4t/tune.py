@@ -11,6 +11,7 @@ deltas on the host's frozen U-Net weights, recomputes activations per block, kee
 runs the optimizer step inside backward, so no full set of gradients is ever held (see README for its figures).
 """
 import math
+import os
 import copy
 import random
 from dataclasses import dataclass, field, replace

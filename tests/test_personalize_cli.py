@@ -32,8 +32,9 @@ def test_tiny_run_writes_a_concept_that_loads_and_its_images(face, tmp_path, cap
     assert personalize(face, tmp_path, "--prompt", "a portrait of *s", "--prompt", "a dog") == 0
     err = capsys.readouterr().err
     assert "tune step 2/2" in err and "lacks the placeholder '*s'" in err
-    assert sorted(os.listdir(tmp_path)) == ["01.png", "02.png", "concept.safetensors", "loss.png"]
-    concept = e4t.load(str(tmp_path / "concept.safetensors"))
+    assert sorted(os.listdir(tmp_path)) == ["01.png", "02.png", "concept.safetensors", "loss.png", "tiny-e4t.safetensors"]
+    concept = e4t.load(str(tmp_path / "concept.safetensors"),
+                       find_source=lambda name: str(tmp_path / f"{name}.safetensors"))
     record = concept.config.concept
     assert record["host"] == "cli" and record["tune"]["steps"] == 2 and len(record["losses"]) == 2
     assert record["image_sha256"] == e4t.pixels_sha256(torch.from_numpy(np.array(Image.open(face))))
@@ -53,8 +54,8 @@ def test_published_weights_and_a_mask(face, tmp_path):
     m[20:60, 16:48] = 255
     Image.fromarray(m).save(mask)
     assert personalize(face, tmp_path / "out", "--e4t", str(tmp_path / "pub"), "--mask", str(mask)) == 0
-    concept = e4t.load(str(tmp_path / "out" / "concept.safetensors"))
-    assert concept.config.concept["masked"] and concept.config.concept["source"] == "pub"
+    concept = e4t.load(str(tmp_path / "out" / "concept.safetensors"), find_source=lambda name: str(tmp_path / name))
+    assert concept.config.concept["mask"] == "uploaded" and concept.config.concept["source"] == "pub"
     assert concept.config.domain_word == "face" and concept.config.placeholder == "*s"
 
 
