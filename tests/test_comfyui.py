@@ -219,11 +219,28 @@ def test_tune_then_save_and_load_concept_reproduces_the_output(host):
     assert torch.equal(CAPTURED["tuned_a"], CAPTURED["tuned_b"])      # a tune is deterministic for a seed
 
 
-def test_masked_tune_runs_in_the_graph(host):
-    g = graph(tune={}, key="masked")
+def test_masked_tune_gives_the_engine_the_mask_and_plots_its_losses(host, monkeypatch):
+    """The MASK reaches the tune in the image's geometry, changes the result, and the plot shows the losses."""
+    from e4t import line_plot
+    import nodes
+    tune = pack_module("nodes.nodes_tune")
+    seen, engine_tune = [], tune.engine.tune
+
+    def recording(unet, encoder, offsets, image, **kw):
+        seen.append((image, kw["mask"], engine_tune(unet, encoder, offsets, image, **kw)))
+        return seen[-1][2]
+    monkeypatch.setattr(tune.engine, "tune", recording)
+    g = graph(tune={"seed": 11}, key="masked")                    # a seed no other test tunes with (no cached result)
     g["tune"]["inputs"]["mask"] = ["img", 1]
     host.run(g)
-    assert not torch.equal(CAPTURED["masked"], CAPTURED.get("tuned_a", CAPTURED["masked"] + 1))
+    host.run(graph(tune={"seed": 11}, key="unmasked"))
+    (image, mask, masked), (_, no_mask, _) = seen
+    want = nodes.NODE_CLASS_MAPPINGS["TestImage"]().make("x")[1][0]
+    assert no_mask is None and mask.shape == image.shape[1:] and torch.equal(mask, want)
+    assert not torch.equal(CAPTURED["masked"], CAPTURED["unmasked"])
+    losses = masked.losses
+    assert torch.equal(CAPTURED["masked_plot"], line_plot(range(1, len(losses) + 1), losses, "E4T tuning loss", "step",
+                                                          "loss")[None])
 
 
 def test_text_without_placeholder_warns(host):
@@ -237,12 +254,23 @@ def test_text_without_placeholder_warns(host):
     assert len(prompt.slots) == 2 and not ok["ui"]["e4t_warning"]
 
 
-def test_embedding_plot_after_sampling(host):
+def test_embedding_plot_after_sampling(host, monkeypatch):
+    """The plot shows ‖w − e_domain‖ of each prediction of the last run, at its timestep."""
+    from e4t import line_plot
+    import nodes
+    rec = Recorder(monkeypatch)
     g = graph(key="plotted")
+    g["ks"]["inputs"]["seed"] = 31                                 # sampled here, not a cached result
     g["eplot"] = {"class_type": "E4TEmbeddingPlot", "inputs": {"model": ["apply", 0], "samples": ["ks", 0]}}
     g["eplot_cap"] = {"class_type": "TestCapture", "inputs": {"images": ["eplot", 0], "key": "eplot"}}
     host.run(g)
-    assert CAPTURED["eplot"].dim() == 4 and CAPTURED["eplot"].shape[-1] == 3 and CAPTURED["eplot"].std() > 0
+    clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
+    face = text_model(clip).embeddings.token_embedding.weight[1710].float()       # the domain word "face"
+    ts, norms = [t for t, _ in rec.words], [float((w - face).norm(dim=-1).mean()) for _, w in rec.words]
+    assert len(ts) == 4 and len(set(norms)) == 4
+    want = line_plot(ts, norms, "‖w − e_domain‖ per sampling step", "timestep", "norm")[None]
+    assert CAPTURED["eplot"].shape == want.shape
+    torch.testing.assert_close(CAPTURED["eplot"], want, rtol=0, atol=0)
 
 
 def test_refinement_with_a_long_negative_prompt(host, monkeypatch):
