@@ -24,7 +24,8 @@ class E4TTextEncode:
         extra = {"pooled_output": pooled}
         warnings = []
         if prompt.slots:
-            extra["e4t"] = prompt
+            # the prompt is re-encoded at every step with this CLIP: the sampler loads it with the U-Net
+            extra.update({"e4t": prompt, "additional_models": [clip.patcher]})
             LEGACY.add(cond, prompt)
         else:
             warnings.append(f"the prompt has no placeholder '{placeholder}': E4T will not change it")

@@ -2,14 +2,16 @@
 
 The placeholder (default "*s", two tokens in the stock SD1 tokenizer) is replaced by one marker token
 that does not occur elsewhere in the prompt; that slot later receives the word vector w, which
-ComfyUI's own encoder splices in (emphasis, CLIP skip and long prompts keep working).
+ComfyUI's own encoder splices in (emphasis, CLIP skip and long prompts keep working). A prompt keeps
+the CLIP it was tokenised with, so its refined contexts keep that CLIP's skip and LoRA patches.
 """
 import collections
 
 import torch
 
-from ..e4t import MARKERS
+import comfy.model_management
 
+from ..e4t import MARKERS
 
 
 def _ids(clip, text):
@@ -17,10 +19,10 @@ def _ids(clip, text):
 
 
 class PlaceholderPrompt:
-    """Tokens of a prompt plus the (chunk, index) slots of its placeholder."""
+    """Tokens of a prompt plus the (chunk, index) slots of its placeholder, and the CLIP that encodes it."""
 
     def __init__(self, clip, text: str, placeholder: str):
-        self.text, self.placeholder = text, placeholder
+        self.clip, self.text, self.placeholder = clip, text, placeholder
         special = set(_ids(clip, ""))
         others = set(_ids(clip, text.replace(placeholder, " ")))
         for word in MARKERS:
@@ -47,14 +49,27 @@ class PlaceholderPrompt:
         first = [i for c, i in self.slots if c == 0]
         return ids, (first[0] if first else 0)
 
+    def context(self, words: torch.Tensor, device) -> torch.Tensor:
+        """(b, tokens, d), row i with words[i] (b, d), encoded by this prompt's own CLIP (its CLIP skip and
+        LoRAs): one CLIP call for the batch, its sections in row order."""
+        per_word = [self.with_word(w) for w in words]
+        tokens = {k: [chunk for t in per_word for chunk in t[k]] for k in per_word[0]}
+        out = encode_tokens(self.clip, tokens)                                        # (1, b * tokens, d)
+        return out.reshape(len(per_word), -1, out.shape[-1]).to(device)
 
-def encode_tokens(clip, cond_stage_model, tokens) -> torch.Tensor:
-    """ComfyUI's own token encoding with this CLIP's options (CLIP skip), without loading anything:
-    the caller makes sure the model is loaded (an additional model of the sampled MODEL)."""
-    cond_stage_model.reset_clip_options()
+
+def encode_tokens(clip, tokens) -> torch.Tensor:
+    """ComfyUI's own token encoding with this CLIP's options (CLIP skip) and patches (LoRA). Called while
+    sampling: the CLIP is normally loaded already (E4T Text Encode makes it an additional model of its
+    conditioning); it is loaded here only where the host does not do that (ComfyUI before keyed wrappers)."""
+    patcher = clip.patcher
+    if not any(getattr(m, "model", None) is patcher for m in comfy.model_management.current_loaded_models):
+        comfy.model_management.load_models_gpu([patcher])
+    clip.cond_stage_model.reset_clip_options()
     if clip.layer_idx is not None:
-        cond_stage_model.set_clip_options({"layer": clip.layer_idx})
-    return cond_stage_model.encode_token_weights(tokens)[0]
+        clip.cond_stage_model.set_clip_options({"layer": clip.layer_idx})
+    clip.cond_stage_model.set_clip_options({"execution_device": patcher.load_device})   # as CLIP.encode_from_tokens
+    return clip.cond_stage_model.encode_token_weights(tokens)[0]
 
 
 class LegacyRegistry:

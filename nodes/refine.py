@@ -2,7 +2,8 @@
 
 At every model evaluation the wrapper predicts w from the current noisy latent (the U-Net's own down
 path with the empty prompt) and the cached concept-image features, re-encodes only the conditioning
-made by "E4T Text Encode", and leaves every other conditioning (negative prompt included) untouched.
+made by "E4T Text Encode" with the CLIP wired into that node (its CLIP skip and LoRAs), and leaves every
+other conditioning (negative prompt included) untouched.
 """
 import logging
 
@@ -15,7 +16,7 @@ import comfy.model_patcher
 from ..e4t import Refinement, base_fingerprint as fingerprint, check_base
 from .model import E4T
 from .patches import PREFIX, add_e4t_patches, unpatched
-from .prompt import LEGACY, encode_tokens
+from .prompt import LEGACY
 
 try:
     from comfy.patcher_extension import WrappersMP
@@ -53,17 +54,16 @@ def text_model(cond_stage_model):
 class RefineState:
     """What the per-step wrapper needs, kept out of model_options (which clones copy)."""
 
-    def __init__(self, folded, clip, e_domain, scale: float, t_stop: float):
-        self.folded, self.clip, self.e_domain = folded, clip, e_domain
+    def __init__(self, folded, empty_context, e_domain, scale: float, t_stop: float):
+        self.folded, self.empty_context, self.e_domain = folded, empty_context, e_domain
         self.scale, self.t_stop = scale, t_stop
         self.refinement, self.evaluations = None, 0
 
-    def words(self, base_model, x, sigma, cond_stage_model, folded=None) -> torch.Tensor:
+    def words(self, base_model, x, sigma, folded=None) -> torch.Tensor:
         """w (b, d) for the latents x at noise level sigma."""
         if self.refinement is None or self.refinement.empty_context.device != x.device:
-            empty = encode_tokens(self.clip, cond_stage_model, self.clip.tokenize("")).to(x.device)
-            self.refinement = Refinement(folded or self.folded.to(x.device), self.e_domain.to(x.device), empty,
-                                         self.scale, self.t_stop)
+            self.refinement = Refinement(folded or self.folded.to(x.device), self.e_domain.to(x.device),
+                                         self.empty_context.to(x.device), self.scale, self.t_stop)
         if folded is not None:
             self.refinement.encoder = folded
         sampling = base_model.model_sampling
@@ -72,13 +72,6 @@ class RefineState:
         dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
         self.evaluations += 1
         return self.refinement(base_model.diffusion_model, xs, t, dtype)
-
-    def context(self, prompt, words, cond_stage_model, device) -> torch.Tensor:
-        """(b, tokens, d), row i with words[i]: one CLIP call for the batch, its sections in row order."""
-        per_word = [prompt.with_word(w) for w in words]
-        tokens = {k: [chunk for t in per_word for chunk in t[k]] for k in per_word[0]}
-        out = encode_tokens(self.clip, cond_stage_model, tokens)                      # (1, b * tokens, d)
-        return out.reshape(len(per_word), -1, out.shape[-1]).to(device)
 
 
 def refine_state(model):
@@ -94,9 +87,8 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     state = patcher.get_attachment(KEY) if patcher is not None else None
     if state is None or not any(c is not None and any(KEY in d for d in c) for c in conds):
         return executor(model, conds, x_in, timestep, model_options)
-    clip_patcher, head_patcher = patcher.get_additional_models_with_key(KEY)
-    csm = clip_patcher.model
-    words = state.words(model, x_in, timestep, csm, head_patcher.model)
+    (head_patcher,) = patcher.get_additional_models_with_key(KEY)
+    words = state.words(model, x_in, timestep, head_patcher.model)
     cache, new_conds = {}, []
     for group in conds:
         if group is None:
@@ -107,7 +99,7 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
             if KEY in d:
                 prompt, old = d[KEY], d["model_conds"]["c_crossattn"].cond
                 if id(prompt) not in cache:     # where the host keeps conds, so it still batches cond and uncond
-                    cache[id(prompt)] = state.context(prompt, words, csm, old.device).to(old.dtype)
+                    cache[id(prompt)] = prompt.context(words, old.device).to(old.dtype)
                 d = dict(d)
                 d["model_conds"] = dict(d["model_conds"])
                 d["model_conds"]["c_crossattn"] = comfy.conds.CONDCrossAttn(cache[id(prompt)])
@@ -125,13 +117,10 @@ def _legacy_wrapper(state, inner):
         found = [(j, LEGACY.find(ctx[j * b])) for j, kind in enumerate(parts) if kind == 0] if ctx is not None else []
         found = [(j, p) for j, p in found if p is not None]
         if found:
-            if not any(getattr(m, "model", None) is state.clip.patcher for m in comfy.model_management.current_loaded_models):
-                comfy.model_management.load_model_gpu(state.clip.patcher)
-            csm = state.clip.cond_stage_model
             chunks = list(ctx.split(b))
             for j, prompt in found:
-                words = state.words(apply_model.__self__, x[j * b:(j + 1) * b], sigma[j * b:(j + 1) * b], csm)
-                new = state.context(prompt, words, csm, ctx.device).to(ctx.dtype)
+                words = state.words(apply_model.__self__, x[j * b:(j + 1) * b], sigma[j * b:(j + 1) * b])
+                new = prompt.context(words, ctx.device).to(ctx.dtype)
                 chunks[j] = new.repeat(1, ctx.shape[1] // new.shape[1], 1)
             args = {**args, "c": {**c, "c_crossattn": torch.cat(chunks)}}
         if inner is not None:
@@ -153,7 +142,9 @@ def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_v
     folded = e4t.weights.encoder.fold(type(features)(tokens=features.tokens.float().cpu()))
     tm = text_model(clip.cond_stage_model)
     e_domain = tm.embeddings.token_embedding.weight[domain_token(clip, e4t.config.domain_word)].detach().float().cpu()
-    state = RefineState(folded, clip, e_domain, e4t.config.scale, float(t_stop))
+    # the U-Net's down path sees the empty prompt of this CLIP (as in tuning); prompts use their own CLIP
+    empty = clip.encode_from_tokens(clip.tokenize("")).detach().float().cpu()
+    state = RefineState(folded, empty, e_domain, e4t.config.scale, float(t_stop))
 
     m = model.clone()
     add_e4t_patches(m, e4t.deltas(), e4t.weights.unet_delta, strength)
@@ -161,7 +152,7 @@ def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_v
     if WrappersMP is not None:
         head = comfy.model_patcher.ModelPatcher(folded, load_device=m.load_device, offload_device=m.offload_device)
         m.set_attachments(KEY, state)
-        m.set_additional_models(KEY, [clip.patcher, head])
+        m.set_additional_models(KEY, [head])
         m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, KEY, _calc_cond_batch)
     else:
         m.set_model_unet_function_wrapper(_legacy_wrapper(state, m.model_options.get("model_function_wrapper")))

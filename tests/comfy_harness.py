@@ -50,7 +50,7 @@ class TestImage:
         g = torch.Generator().manual_seed(7)
         img = torch.rand(1, 80, 72, 3, generator=g)
         mask = torch.zeros(1, 80, 72)
-        mask[:, 10:50, 12:60] = 1
+        mask[:, 10:50, 8:44] = 1                # asymmetric: a flipped or transposed mask shows
         return (img, mask)
 
 

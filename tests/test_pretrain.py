@@ -58,9 +58,26 @@ def test_resume_equals_an_uninterrupted_run(data, tmp_path):
 
 
 def test_identity_and_published_initialisation(data, tmp_path):
+    """With a zero learning rate the first checkpoint holds the initialisation: ΔW = 0 exactly by default;
+    with --published-init every parameter as nn.Linear initialises it (ΔW about ±20 %, as published).
+    The encoder is the same either way."""
+    assert run(data, tmp_path / "identity", 1, "--base-lr", "0") == 0
     assert run(data, tmp_path / "pub", 1, "--published-init", "--base-lr", "0") == 0
-    deltas = e4t.load(str(tmp_path / "pub" / "e4t-000001.safetensors")).offsets.deltas()
-    assert max(float(d.std()) for d in deltas.values()) > 0.05                # about ±20 % like the published init
+    identity, pub = (e4t.load(str(tmp_path / d / "e4t-000001.safetensors")) for d in ("identity", "pub"))
+    assert identity.offsets.targets == pub.offsets.targets and len(pub.offsets.targets) > 1
+    assert all(float(d.abs().max()) == 0 for d in identity.offsets.deltas().values())
+    assert min(float(d.std()) for d in pub.offsets.deltas().values()) > 0.05
+    for t in pub.offsets.targets:
+        offset = pub.offsets[t]
+        assert float(offset.v) == 1.0
+        for linear in (offset.linear1, offset.linear2, offset.linear_column, offset.linear_row):
+            bound = linear.in_features ** -0.5                           # nn.Linear's uniform range
+            for p in (linear.weight, linear.bias):
+                assert float(p.abs().max()) <= bound * 1.001, t          # fp16 storage rounds up a little
+        row = offset.linear_row.weight
+        assert float(row.abs().max()) > 0.8 * offset.linear_row.in_features ** -0.5, t   # not the identity's zeros
+    enc = {k: v for k, v in identity.encoder.state_dict().items() if not k.startswith("clip_vision.")}
+    assert all(torch.equal(v, pub.encoder.state_dict()[k]) for k, v in enc.items())
 
 
 def test_a_folder_without_images_is_refused(tmp_path, capsys):

@@ -161,13 +161,57 @@ def test_mask_restricts_the_loss_to_masked_pixels_exactly():
     assert torch.equal(diffusion_loss(outside, tgt, mask), diffusion_loss(pred, tgt, mask))
 
 
-def test_masked_tune_ignores_what_lies_outside_the_mask(model, clip, vae, encoder):
-    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+def result_tensors(result):
+    return {**{f"e.{k}": v for k, v in result.encoder.state_dict().items() if not k.startswith("clip_vision.")},
+            **{f"o.{k}": v for k, v in result.offsets.state_dict().items()},
+            **{f"u.{k}": v for k, v in result.unet_delta.items()}}
+
+
+def test_masked_tune_ignores_what_lies_outside_the_mask(model, clip, vae, encoder, monkeypatch):
+    """Through the tune's own resize, crop, flip and latent downsampling, the loss mask lies exactly on the
+    masked pixels of the crop, and the U-Net's errors on the other pixels change nothing: a tune whose
+    prediction is corrupted where the image is outside the mask is bit-identical to a clean one (and
+    differs when corrupted inside). The image carries its mask in its blue channel, and a block-local
+    encoder stands in for the VAE, so each latent cell says which image pixels it holds."""
+    import importlib
+    import torch.nn.functional as F
+    unet, offsets, _, kw = setup(model, clip, vae, encoder)
     mask = torch.zeros(80, 64)
-    mask[:40] = 1
-    cfg = TuneConfig(steps=1, batch_size=2, resolution=64)
-    a = e4t.tune(unet, encoder, offsets, image, cfg=cfg, mask=mask, **kw)
-    assert len(a.losses) == 1 and a.losses[0] > 0
+    mask[13:51, 5:37] = 1                                          # off the 8-pixel grid, left of centre
+    ramp = torch.linspace(-1, 1, 64).expand(80, 64)                # shows whether a crop was flipped
+    image = torch.stack([ramp, torch.rand(80, 64) * 2 - 1, mask * 2 - 1])
+    encoded = []
+
+    def vae_encode(images):                                        # (n, 3, 64, 64) -> (n, 4, 8, 8), cell-local
+        encoded.append(torch.cat([F.avg_pool2d(images, 8), F.avg_pool2d(images[:, :1], 8)], 1))
+        return encoded[-1]
+    training, losses_seen = importlib.import_module("e4t.training"), []
+    loss = training.diffusion_loss
+
+    def tune(seed, corrupt=None):
+        encoded.clear()
+
+        def corrupted(pred, tgt, m=None):
+            inside = (encoded[0][:, 2:3] + 1) / 2                    # the crop's mask, read from its pixels
+            losses_seen.append((m, inside))
+            where = {"outside": inside == 0, "inside": inside == 1, None: torch.zeros_like(inside, dtype=bool)}[corrupt]
+            return loss(pred + 10 * where, tgt, m)
+        monkeypatch.setattr(training, "diffusion_loss", corrupted)
+        cfg = TuneConfig(steps=2, batch_size=2, resolution=64, seed=seed)
+        return e4t.tune(unet, encoder, offsets, image, cfg=cfg, mask=mask, **{**kw, "vae_encode": vae_encode})
+
+    flips = set()
+    for seed in (0, 1, 2):
+        clean = result_tensors(tune(seed))
+        flips.add(bool(encoded[0][0, 0, 0, 0] > encoded[0][0, 0, 0, -1]))
+        outside = result_tensors(tune(seed, "outside"))
+        assert all(torch.equal(clean[k], outside[k]) for k in clean), seed
+    assert flips == {False, True}                                  # both flipped and unflipped crops were seen
+    inside = result_tensors(tune(seed, "inside"))
+    assert any(not torch.equal(clean[k], inside[k]) for k in clean)
+    for m, want in losses_seen:                                     # the tune's mask is the crop's masked pixels
+        assert torch.equal(m, want.expand_as(m))
+    assert {float(v) for m, _ in losses_seen for v in m.unique()} > {0.0, 1.0}   # partly covered cells too
 
 
 def test_presets():
