@@ -136,10 +136,14 @@ def bench(args):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     s = Setup(args.tiny, device, dtype, args.channels_last)
+    s.res = args.resolution or s.res
     rows = []
     if "tune" in args.parts:
         with s.e4t_weights_on_cpu():
             rows += tunes(s, device, args)
+    if "rss" in args.parts:
+        with s.e4t_weights_on_cpu():
+            rows += rss_growth(s, args)
     if "profile" in args.parts:
         profile(s, args)
     if "sampling" in args.parts:
@@ -171,6 +175,40 @@ def tunes(s, device, args):
                      f"{count / per_step / 1e12:.2f} TFLOP/s of {count / 1e12:.3f} TFLOP",
                      "n/a (CPU)" if mem is None else f"peak {mem:.2f} GiB"))
     return rows
+
+
+def rss_growth(s, args):
+    """CPU (and unified-memory Macs): how far a tune raises the process's resident memory above what the host's
+    models already hold (peak sampled every 10 ms)."""
+    import threading
+
+    import psutil
+    proc, rows = psutil.Process(), []
+    for memory, trains in args.tunes:
+        gc_collect()
+        base, peak, done = proc.memory_info().rss, [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                done.wait(0.01)
+        thread = threading.Thread(target=watch)
+        thread.start()
+        t0 = time.perf_counter()
+        try:
+            s.tune(args.steps, args.batch, memory, trains)
+        finally:
+            done.set()
+            thread.join()
+        rows.append((f"tune, batch {args.batch}, {s.res} px, {args.steps} steps, {memory}, trains {trains}",
+                     f"RSS growth {(peak[0] - base) / 1e9:.2f} GB", f"{time.perf_counter() - t0:.1f} s",
+                     f"before {base / 1e9:.2f} GB", ""))
+    return rows
+
+
+def gc_collect():
+    import gc
+    gc.collect()
 
 
 def profile(s, args):
@@ -271,7 +309,8 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile")
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss")
+    p.add_argument("--resolution", type=int, help="tuning resolution (default: 512, tiny 64)")
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")
     p.add_argument("--channels-last", action="store_true", help="U-Net weights in channels-last memory format")

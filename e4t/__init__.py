@@ -35,13 +35,13 @@ from .refinement import Refinement, predict_embedding, unet_features
 from .sampling import ddim
 from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
 from .precision import Precision, training_precision
-from .tune import FAST_MODE_GIB, PRESETS, Diverged, Interrupted, TuneConfig, TuneResult, augment, memory_mode, memory_settings, preset, tune
+from .tune import FAST_MODE_GIB, MEMORY_MODES, PRESETS, Diverged, Interrupted, TuneConfig, TuneResult, augment, memory_mode, memory_settings, preset, tune
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "make_concept", "concept_metadata",
            "source_sha256", "check_base", "Compression", "read_header",
            "read_published_config", "load_pickled_state_dict", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
-           "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_mode", "memory_settings", "FAST_MODE_GIB", "base_fingerprint", "CompactAdamW",
+           "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_mode", "memory_settings", "FAST_MODE_GIB", "MEMORY_MODES", "base_fingerprint", "CompactAdamW",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
            "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of"]

@@ -29,6 +29,7 @@ INFOTEXT = {"enabled": "E4T enabled", "concept": "E4T", "strength": "E4T strengt
 # "Plot the embedding" is deliberately not in the infotext: it changes no pixel of the images (it only adds
 # a report image), so pasting an image's parameters leaves the checkbox as the user set it.
 AUTO_MASKS = ["none", *e4t.CASCADES]
+MEMORY_MODES = ["auto", *e4t.MEMORY_MODES, "custom"]
 
 
 def _forge_tab():
@@ -75,14 +76,17 @@ def tab():
                 with gr.Row():
                     lr = gr.Number(value=1.6e-5, label="Learning rate", elem_id="e4t_lr")
                     reg = gr.Number(value=1e-4, label="λ (regularisation)", elem_id="e4t_lambda")
+                memory = gr.Radio(MEMORY_MODES, value="auto", label="Memory mode", elem_id="e4t_memory",
+                                  info="auto: fast where the GPU has 46 GiB, else low_vram (same recipe, a fraction of "
+                                       "the memory, slower); custom: the three settings under Advanced")
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         resolution = gr.Slider(256, 1024, value=512, step=64, label="Resolution", elem_id="e4t_resolution")
-                        micro = gr.Slider(1, 16, value=1, step=1, label="Micro-batches per step (less VRAM)",
+                        micro = gr.Slider(1, 16, value=1, step=1, label="Micro-batches per step (custom memory mode)",
                                           elem_id="e4t_accumulation")
-                        checkpointing = gr.Checkbox(False, label="Gradient checkpointing (less VRAM, slower)",
+                        checkpointing = gr.Checkbox(False, label="Gradient checkpointing (custom memory mode)",
                                                     elem_id="e4t_checkpointing")
-                        compact = gr.Checkbox(False, label="Adam moments in bf16 (less VRAM)",
+                        compact = gr.Checkbox(False, label="Adam moments in bf16 (custom memory mode)",
                                               elem_id="e4t_compact_optimizer")
                     with gr.Row():
                         trains = gr.Radio(["all", "attention"], value="all", label="U-Net weights trained",
@@ -105,7 +109,7 @@ def tab():
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_tune, extra_outputs=[None, ""]), _js=TUNE_JS,
                   inputs=[task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution,
-                          trains, micro, seed, overwrite, auto_mask, checkpointing, compact],
+                          trains, micro, seed, overwrite, auto_mask, checkpointing, compact, memory],
                   outputs=[plot, output, result])
     return [(block, "E4T", "e4t")]
 
@@ -147,15 +151,18 @@ def weights_config(name) -> e4t.DomainConfig:
 
 
 def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg, batch, resolution, trains,
-             micro, seed, overwrite, auto_mask="none", checkpointing=False, compact=False):
+             micro, seed, overwrite, auto_mask="none", checkpointing=False, compact=False, memory="auto"):
     """The Tune button (inside wrap_gradio_gpu_call: the webui's queue lock, progress and interrupt)."""
-    from modules import shared
+    from modules import devices, shared
     sampling.RUNTIME.stop_all()                      # nothing of a failed earlier job may stay on the U-Net
     state = shared.state
+    if memory == "custom":
+        settings = dict(accumulation=int(micro), checkpointing=bool(checkpointing),
+                        optimizer_states="bf16" if compact else "fp32")
+    else:
+        settings = e4t.memory_settings(e4t.memory_mode(memory, devices.device))
     cfg = e4t.preset(preset or "published", steps=int(steps), lr=float(lr), reg_lambda=float(reg),
-                     batch_size=int(batch), resolution=int(resolution), trains=trains, accumulation=int(micro),
-                     checkpointing=bool(checkpointing), optimizer_states="bf16" if compact else "fp32",
-                     seed=int(seed))
+                     batch_size=int(batch), resolution=int(resolution), trains=trains, seed=int(seed), **settings)
     state.job, state.job_count, state.job_no = "E4T tune", 1, 0
     state.sampling_steps, state.sampling_step = cfg.steps, 0
     state.textinfo = "E4T: encoding the concept image"
@@ -173,8 +180,8 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
     except e4t.Diverged as err:
         return None, "", f"<p>{html.escape(str(err))} No concept was saved.</p>"
     except torch.cuda.OutOfMemoryError:
-        return None, "", ("<p>Out of GPU memory while tuning; no concept was saved. Tick <i>Gradient checkpointing</i> and <i>Adam moments in bf16</i>, "
-                          "raise <i>Micro-batches per step</i>, train only <i>attention</i>, or lower the batch size.</p>")
+        return None, "", ("<p>Out of GPU memory while tuning; no concept was saved. Choose the memory mode <i>low_vram</i>, train only "
+                          "<i>attention</i>, or lower the batch size or resolution.</p>")
     plot = loss_plot(losses)
     concept = os.path.relpath(path, store.folder())[: -len(".safetensors")].replace(os.sep, "/")
     store.file_hash(path, concept)                  # into the webui's hash cache now, not at first use

@@ -43,16 +43,9 @@ def _trainable(patcher, what):
     return patcher.get_non_dynamic_delegate()
 
 
-FAST_MODE_GIB = 46     # a batch-16 fast tune peaked at 44.6 GiB on an H100 (BENCHMARKS.md), plus the host's models
-
-
 def memory_mode(memory: str, device) -> str:
-    """'auto' picks fast where the device holds the fast mode's measured peak, else low_vram."""
-    if memory != "auto":
-        return memory
-    if torch.device(device).type == "cpu":
-        return "fast"
-    return "fast" if comfy.model_management.get_total_memory(device) >= FAST_MODE_GIB * 2**30 else "low_vram"
+    """The engine's rule for 'auto', with the device's memory (RAM for the CPU) as ComfyUI counts it."""
+    return engine.memory_mode(memory, device, comfy.model_management.get_total_memory(device))
 
 
 class E4TPersonalize:
@@ -68,7 +61,7 @@ class E4TPersonalize:
                                          "tooltip": "embedding regulariser λ (published 1e-4; paper face 0.1)"}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
                 "trains": (["all", "attention"], {"tooltip": "heads + offsets + the whole U-Net, or its attention only"}),
-                "memory": (["auto", "fast", "low_vram"], {"default": "auto", "tooltip": "low_vram: gradient checkpointing, micro-batches of 4 (same loss) and Adam's moments stored in bf16; auto: fast where the GPU has 46 GiB or more, else low_vram"}),
+                "memory": (["auto", "fast", "low_vram"], {"default": "auto", "tooltip": "low_vram: the same recipe without fp32 copies: bf16 deltas on the model's frozen weights, recomputed activations, 8-bit Adam moments, the optimizer step inside backward; auto: fast where the device has 46 GiB or more, else low_vram"}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64}),
             },
             "optional": {"mask": ("MASK", {"tooltip": "restricts the loss to these pixels (e.g. the face)"})},
