@@ -2,7 +2,7 @@
 
 Public API (hosts use only these names):
     load, save, convert, E4TWeights, DomainConfig, E4TFileError  -- weight files
-    read_header, read_published_config, load_pickled_state_dict,
+    read_header, read_published_config, read_tensors, PickleRefused,
     backbone_state, tensors_sha256, walk, pixels_sha256          -- file details, safe reading, backbone proof, folders
     pil_to_tensor                                                 -- PIL image -> (3, h, w) in [0, 1]
     Encoder, EncoderConfig, ImageFeatures, FoldedEncoder,
@@ -17,10 +17,11 @@ Public API (hosts use only these names):
     line_plot, scatter_plot                                       -- plots as images
     sd1_alphas_cumprod, alphas_cumprod_of                         -- noise schedules (SD1.x; a host's)
 """
-from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, load_pickled_state_dict,
-                         pixels_sha256, read_header, read_published_config, save, tensors_sha256, walk)
+from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, pixels_sha256,
+                         read_header, read_published_config, save, tensors_sha256, walk)
 from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures, unet_feature_channels
 from .evaluate import pil_to_tensor
+from .files import PickleRefused, read_tensors
 from .facemask import CASCADES, MaskUnavailable, detect_mask
 from .losses import alphas_cumprod_of, sd1_alphas_cumprod
 from .offsets import Offsets, applied, merge, targets
@@ -33,7 +34,7 @@ from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
 from .tune import PRESETS, Interrupted, TuneConfig, TuneResult, augment, memory_settings, preset, tune
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "read_header",
-           "read_published_config", "load_pickled_state_dict", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
+           "read_published_config", "read_tensors", "PickleRefused", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "augment", "memory_settings", "CompactAdamW",
