@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from . import validate
 from .encoder import Encoder, EncoderConfig
 from .files import (E4TFileError, read_json, read_pickle, read_safetensors, read_tensors,
                     safetensors_metadata)
@@ -307,17 +308,20 @@ def load_file(path: str, backbone: dict | None = None) -> E4TWeights:
 def load(path: str, backbone: dict | None = None) -> E4TWeights:
     """Either a published folder (or a file inside one) or one of our `.safetensors` files."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return load_published(path)
-    if path.endswith((".pt", ".bin", ".json")):
-        return load_published(os.path.dirname(path))
-    return load_file(path, backbone)
+    if os.path.isdir(path) or path.endswith((".pt", ".bin", ".json")):
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        weights, fix = load_published(folder), PUBLISHED_FIX
+    else:
+        weights, fix = load_file(path, backbone), OURS_FIX
+    validate.weights_finite(path, weights, fix)
+    return weights
 
 
 def convert(folder: str, out: str, stock_backbone: str | None = None, dtype: str = "fp16"):
     """Published folder -> one `.safetensors`. The backbone is kept unless `stock_backbone` is proven
     tensor-for-tensor identical to it; a differing stock file is refused, naming the first difference."""
     weights = load_published(folder)
+    validate.weights_finite(folder, weights, PUBLISHED_FIX, backbone=True)
     include = True
     if stock_backbone is not None:
         stock = backbone_state(read_tensors(stock_backbone))
