@@ -16,6 +16,7 @@ Public API (hosts use only these names):
     detect_mask, MaskUnavailable, CASCADES                        -- automatic face / cat masks (OpenCV)
     line_plot, scatter_plot                                       -- plots as images
     sd1_alphas_cumprod, alphas_cumprod_of                         -- noise schedules (SD1.x; a host's)
+    validate, seeded                                              -- input checks of both hosts; a host step's global RNG from the seed
 """
 from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, pixels_sha256,
                          read_header, read_published_config, save, tensors_sha256, walk)
@@ -30,6 +31,8 @@ from .plots import line_plot, scatter_plot
 from .pretrain import PretrainConfig, image_files, load_image, pretrain
 from .refinement import Refinement, predict_embedding, unet_features
 from .sampling import ddim
+from .seeding import seeded
+from . import validate
 from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
 from .tune import PRESETS, Interrupted, TuneConfig, TuneResult, augment, memory_settings, preset, tune
 
@@ -39,4 +42,4 @@ __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileErro
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "augment", "memory_settings", "CompactAdamW",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
-           "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of"]
+           "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of", "seeded", "validate"]

@@ -238,7 +238,9 @@ def save(weights: E4TWeights, path: str, dtype: str = "fp16", include_backbone: 
 def atomic_write(path: str, write):
     """write(tmp) into a temporary file beside `path`, flushed to disk, then renamed over `path`:
     readers see the old file or the whole new one, never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -248,6 +250,22 @@ def atomic_write(path: str, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+STALE_SECONDS = 24 * 3600      # no write of ours takes a day: an older temporary was left by a killed process
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete `.e4t-*.tmp` files a killed write left in `folder` (only those untouched for a day, so a
+    write still running in another process keeps its file)."""
+    import glob
+    import time
+    for tmp in glob.glob(os.path.join(glob.escape(folder), ".e4t-*.tmp")):
+        try:
+            if time.time() - os.path.getmtime(tmp) > STALE_SECONDS:
+                os.unlink(tmp)
+        except OSError:             # removed meanwhile, or not ours to remove
+            pass
 
 
 def walk(root: str):

@@ -154,24 +154,29 @@ def sd1_model(name: str, family: str, is_sd1: bool, in_channels: int) -> None:
                          f"a standard SD1.x model with 4: load one of those")
 
 
-def e4t_fits(e4t_name: str, weights, model_name: str, text_width: int, feature_channels: int, unet_shapes: dict) -> None:
-    """E4T weights fit the model: word width, U-Net feature channels, and every weight they change
-    (`unet_shapes`: CompVis U-Net weight name -> shape)."""
-    cfg = weights.encoder.cfg
-    made = "use E4T weights made for this model family (SD1.x: word width 768, 3 520 U-Net feature channels)"
-    if cfg.word_dim != text_width:
-        raise InputError(f"{e4t_name} predicts words of width {cfg.word_dim}; {model_name}'s text encoder has width "
-                         f"{text_width}: {made}")
-    if cfg.unet_dim != feature_channels:
-        raise InputError(f"{e4t_name} reads {cfg.unet_dim} U-Net feature channels; {model_name} has "
-                         f"{feature_channels}: {made}")
+def changed_shapes(weights) -> dict:
+    """{CompVis U-Net weight name: shape} of every weight E4T weights change (offsets, tuned U-Net change)."""
     offsets = weights.offsets
-    changed = {k: (offsets[k].linear_row.in_features, offsets[k].linear_column.in_features) for k in offsets.targets}
-    changed.update({k: tuple(v.shape) for k, v in weights.unet_delta.items()})
+    shapes = {k: (offsets[k].linear_row.in_features, offsets[k].linear_column.in_features) for k in offsets.targets}
+    shapes.update({k: tuple(v.shape) for k, v in weights.unet_delta.items()})
+    return shapes
+
+
+def e4t_fits(e4t_name: str, word_dim: int, unet_dim: int, changed: dict, model_name: str, text_width: int,
+             feature_channels: int, unet_shapes: dict) -> None:
+    """E4T weights (word width, U-Net feature channels, `changed`: see `changed_shapes`) fit the model (its
+    text width, feature channels and `unet_shapes`: CompVis U-Net weight name -> shape)."""
+    made = "use E4T weights made for this model family (SD1.x: word width 768, 3 520 U-Net feature channels)"
+    if word_dim != text_width:
+        raise InputError(f"{e4t_name} predicts words of width {word_dim}; {model_name}'s text encoder has width "
+                         f"{text_width}: {made}")
+    if unet_dim != feature_channels:
+        raise InputError(f"{e4t_name} reads {unet_dim} U-Net feature channels; {model_name} has "
+                         f"{feature_channels}: {made}")
     for k, shape in sorted(changed.items()):
         if k not in unet_shapes:
             raise InputError(f"{e4t_name} changes the U-Net weight {k!r}, which {model_name} does not have: {made}")
-        if tuple(unet_shapes[k]) != shape:
+        if tuple(unet_shapes[k]) != tuple(shape):
             raise InputError(f"{e4t_name} changes {k!r} as {list(shape)}; in {model_name} it is "
                              f"{list(unet_shapes[k])}: {made}")
 

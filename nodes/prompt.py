@@ -8,9 +8,7 @@ import collections
 
 import torch
 
-from ..e4t import MARKERS
-
-
+from ..e4t import MARKERS, validate
 
 def _ids(clip, text):
     return [t[0] for chunk in clip.tokenize(text)["l"] for t in chunk]
@@ -20,6 +18,7 @@ class PlaceholderPrompt:
     """Tokens of a prompt plus the (chunk, index) slots of its placeholder."""
 
     def __init__(self, clip, text: str, placeholder: str):
+        placeholder = validate.placeholder(placeholder)
         self.text, self.placeholder = text, placeholder
         special = set(_ids(clip, ""))
         others = set(_ids(clip, text.replace(placeholder, " ")))
