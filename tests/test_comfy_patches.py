@@ -88,14 +88,6 @@ def test_offsets_computed_while_another_clone_is_patched(host):
     torch.testing.assert_close(patched_weight(second).cpu(), w0 * (1 + 0.5 * d), **patch_tolerance(second))
 
 
-def test_sd2_shaped_weights_are_refused_clearly(host):
-    patches = pack_module("nodes.patches")
-    m = tiny_model(disable_dynamic=True).clone()
-    wrong = {KEY[len("diffusion_model."):]: torch.zeros(32, 40)}
-    with pytest.raises(ValueError, match="for SD1.x .* Use an SD1.x checkpoint"):
-        patches.add_e4t_patches(m, wrong, {}, 1.0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     """LowVramPatch runs comfy.lora.calculate_weight per layer call on the weight in its compute

@@ -135,9 +135,9 @@ def test_broken_weight_files_are_named_with_what_to_do(host):
 
 
 def test_save_concept_twice_with_one_prefix_keeps_both(host):
-    g = graph(tune={"steps": 1}, key="saved_twice")
-    g["save"] = {"class_type": "E4TSaveConcept", "inputs": {"e4t": ["tune", 1], "filename_prefix": "twice/me"}}
-    g["save2"] = {"class_type": "E4TSaveConcept", "inputs": {"e4t": ["tune", 1], "filename_prefix": "twice/me"}}
-    host.run(g)
+    for seed in (1, 2):                                # two concepts, one prefix: two files
+        g = graph(tune={"steps": 1, "seed": seed}, key=f"saved_{seed}")
+        g["save"] = {"class_type": "E4TSaveConcept", "inputs": {"e4t": ["tune", 1], "filename_prefix": "twice/me"}}
+        host.run(g)
     folder = os.path.join(host.models, "concepts", "twice")
     assert sorted(os.listdir(folder)) == ["me_00001_.safetensors", "me_00002_.safetensors"]
