@@ -10,7 +10,7 @@ What still varies across machines: results are bit-identical only on the same ma
 same torch build and thread count. Other CPUs (vector units, thread counts), GPUs, CUDA/cuDNN
 versions, dtypes (fp16/bf16 autocast) and the memory mode (micro-batches sum in another order) change
 floating-point rounding; on a GPU, `torch.use_deterministic_algorithms(True)` with
-`CUBLAS_WORKSPACE_CONFIG=:4096:8` makes repeated runs there identical.
+`CUBLAS_WORKSPACE_CONFIG=:4096:8` is the setting for identical repeated runs there (not yet checked on a GPU).
 """
 import contextlib
 
