@@ -1,5 +1,4 @@
 """Bad inputs and broken files get one clear message (engine level; the hosts' own tests run them through nodes/tabs)."""
-import json
 import math
 import os
 import time
@@ -10,7 +9,7 @@ import torch
 import e4t
 from e4t import validate
 from e4t.checkpoint import STALE_SECONDS, remove_stale_temporaries
-from e4t.files import E4TFileError, PickleRefused, read_pickle, read_safetensors, read_tensors
+from e4t.files import E4TFileError, PickleRefused, read_pickle, read_tensors
 from tiny_models import tiny_encoder_config, write_published
 
 
@@ -225,7 +224,6 @@ def test_seeded_host_steps_draw_from_the_seed_and_leave_the_global_state():
 
 
 def test_refinement_stops_on_a_non_finite_embedding(unet, encoder):
-    from tiny_models import unet_channels  # noqa: F401
     folded = encoder.fold(encoder.image_features(torch.rand(1, 3, 32, 32) * 2 - 1))
     d = encoder.cfg.word_dim
     ref = e4t.Refinement(folded, torch.zeros(d), torch.zeros(1, 77, d), 0.1)
