@@ -4,7 +4,7 @@ Public API (hosts use only these names):
     load, save, convert, E4TWeights, DomainConfig, E4TFileError  -- weight files
     make_concept, concept_metadata, source_sha256, check_base,
     Compression                                                   -- personalised concepts (one schema, compressed)
-    read_header, read_published_config, load_pickled_state_dict,
+    read_header, read_published_config, read_tensors, PickleRefused,
     backbone_state, tensors_sha256, walk, pixels_sha256          -- file details, safe reading, backbone proof, folders
     pil_to_tensor                                                 -- PIL image -> (3, h, w) in [0, 1]
     Encoder, EncoderConfig, ImageFeatures, FoldedEncoder,
@@ -19,12 +19,14 @@ Public API (hosts use only these names):
     detect_mask, MaskUnavailable, CASCADES                        -- automatic face / cat masks (OpenCV)
     line_plot, scatter_plot                                       -- plots as images
     sd1_alphas_cumprod, alphas_cumprod_of                         -- noise schedules (SD1.x; a host's)
+    validate, seeded                                              -- input checks of both hosts; a host step's global RNG from the seed
 """
-from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, load_pickled_state_dict,
-                         pixels_sha256, read_header, read_published_config, save, tensors_sha256, walk)
+from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, pixels_sha256,
+                         read_header, read_published_config, save, tensors_sha256, walk)
 from .concept import Compression, base_fingerprint, check_base, concept_metadata, make_concept, source_sha256
 from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures, unet_feature_channels
 from .evaluate import pil_to_tensor
+from .files import PickleRefused, read_tensors
 from .facemask import CASCADES, MaskUnavailable, detect_mask
 from .losses import alphas_cumprod_of, sd1_alphas_cumprod
 from .offsets import Offsets, applied, merge, targets
@@ -33,15 +35,17 @@ from .plots import line_plot, scatter_plot
 from .pretrain import PretrainConfig, image_files, load_image, pretrain
 from .refinement import Refinement, predict_embedding, unet_features
 from .sampling import ddim
+from .seeding import seeded
+from . import validate
 from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
 from .precision import Precision, training_precision
 from .tune import FAST_MODE_GIB, MEMORY_MODES, PRESETS, Diverged, Interrupted, TuneConfig, TuneResult, augment, memory_mode, memory_settings, preset, tune
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "make_concept", "concept_metadata",
            "source_sha256", "check_base", "Compression", "read_header",
-           "read_published_config", "load_pickled_state_dict", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
+           "read_published_config", "read_tensors", "PickleRefused", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_mode", "memory_settings", "FAST_MODE_GIB", "MEMORY_MODES", "base_fingerprint", "CompactAdamW",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
-           "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of"]
+           "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of", "seeded", "validate"]

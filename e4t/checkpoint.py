@@ -11,7 +11,6 @@ JSON metadata under the key `e4t` (see `DomainConfig`). Written atomically, fp16
 import hashlib
 import json
 import os
-import pickle
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -19,7 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from . import validate
 from .encoder import Encoder, EncoderConfig
+from .files import (E4TFileError, read_json, read_pickle, read_safetensors, read_tensors,
+                    safetensors_metadata)
 from .offsets import Offsets, from_published, load_checked, to_published
 
 FORMAT_VERSION = 1                 # E4T weights; personalised concepts are format 2 (concept.py)
@@ -27,10 +29,6 @@ CONCEPT_FORMAT_VERSION = 2
 ARCHITECTURE = "e4t-v1"            # published layout: ViT tokens + U-Net maps heads, rank-3 q/k/v offsets
 STOCK_BACKBONE = "ViT-H-14/laion2b_s32b_b79k"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class E4TFileError(ValueError):
-    """A weight file that cannot be used; the message says what was expected and what to do."""
 
 
 @dataclass
@@ -67,32 +65,13 @@ class E4TWeights:
 
 # --- safe reading ---------------------------------------------------------------------------------
 
+PUBLISHED_FIX = "download it again (mkshing/e4t-diffusion on Hugging Face)"
+OURS_FIX = "copy it again, or make it again (`python -m e4t convert` for E4T weights, a new tune for a concept)"
+
+
 def load_pickled_state_dict(path: str) -> dict:
-    """A `torch.save`d state dict, read without executing anything: only tensors and plain containers."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise E4TFileError(f"{path}: refused to load: the pickle references code or objects other than "
-                           f"tensors ({str(err).splitlines()[0]}). Only plain state dicts are accepted; "
-                           f"convert trusted files with `python -m e4t convert`.") from None
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise E4TFileError(f"{path}: not a readable PyTorch file ({err})") from None
-        return load_pickled_state_dict_nommap(path)
-    return _check_state_dict(path, data)
-
-
-def load_pickled_state_dict_nommap(path):
-    try:
-        return _check_state_dict(path, torch.load(path, map_location="cpu", weights_only=True))
-    except pickle.UnpicklingError as err:
-        raise E4TFileError(f"{path}: refused to load: {str(err).splitlines()[0]}") from None
-
-
-def _check_state_dict(path, data):
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise E4TFileError(f"{path}: expected a state dict (names -> tensors), found {type(data).__name__}")
-    return data
+    """A file of a published folder, read safely (see `files.read_pickle`)."""
+    return read_pickle(path, PUBLISHED_FIX)
 
 
 def infer_encoder_config(sd: dict, prefix: str = "", head_width: int = 80) -> EncoderConfig:
@@ -193,8 +172,7 @@ def read_published_config(folder: str) -> DomainConfig:
     path = os.path.join(folder, "config.json")
     data = {}
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path, PUBLISHED_FIX)
         data = {**data, **(data.get("pretrained_args") or {})}   # pretraining values win, as in the reference
     cfg = DomainConfig()
     cfg.placeholder = data.get("placeholder_token", cfg.placeholder)
@@ -280,7 +258,9 @@ def atomic_write(path: str, write):
     """write(tmp) into a temporary file beside `path`, flushed to disk, then renamed over `path`:
     readers see the old file or the whole new one, never half a file. The file gets the permissions
     of any newly created file (0666 less the umask), not the temporary file's 0600."""
-    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(prefix=".e4t-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)
@@ -291,6 +271,22 @@ def atomic_write(path: str, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+STALE_SECONDS = 24 * 3600      # no write of ours takes a day: an older temporary was left by a killed process
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete `.e4t-*.tmp` files a killed write left in `folder` (only those untouched for a day, so a
+    write still running in another process keeps its file)."""
+    import glob
+    import time
+    for tmp in glob.glob(os.path.join(glob.escape(folder), ".e4t-*.tmp")):
+        try:
+            if time.time() - os.path.getmtime(tmp) > STALE_SECONDS:
+                os.unlink(tmp)
+        except OSError:             # removed meanwhile, or not ours to remove
+            pass
 
 
 def walk(root: str):
@@ -307,14 +303,14 @@ def walk(root: str):
 
 def read_header(path: str) -> dict:
     """The `e4t` metadata of one of our files, without reading tensors."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_metadata(path, OURS_FIX)
     if "e4t" not in meta:
         raise E4TFileError(f"{path}: not an E4T file (no 'e4t' metadata); convert published folders with "
                            f"`python -m e4t convert`")
-    data = json.loads(meta["e4t"])
+    try:
+        data = json.loads(meta["e4t"])
+    except ValueError as err:
+        raise E4TFileError(f"{path}: damaged E4T metadata ({err}); {OURS_FIX}") from None
     if data.get("format_version", 0) > CONCEPT_FORMAT_VERSION or data.get("architecture") != ARCHITECTURE:
         raise E4TFileError(f"{path}: format {data.get('architecture')} v{data.get('format_version')} is not "
                            f"supported by this version ({ARCHITECTURE} v{CONCEPT_FORMAT_VERSION}); update the extension")
@@ -325,10 +321,8 @@ def load_file(path: str, backbone: dict | None = None, find_source=None) -> E4TW
     """Read our `.safetensors` (memory-mapped). `backbone`: a stock ViT state dict, used only for a
     file that carries none, and only if its tensor hash equals the one recorded at conversion.
     find_source(name) -> path: where the E4T weights a concept names are (see `concept.load_concept`)."""
-    from safetensors.torch import load_file as st_load
-
     data = read_header(path)
-    sd = st_load(path)
+    sd = read_safetensors(path, OURS_FIX)
     if data.get("format_version", 1) >= CONCEPT_FORMAT_VERSION:
         from .concept import load_concept
         return load_concept(path, data, sd, find_source)
@@ -360,20 +354,23 @@ def load_file(path: str, backbone: dict | None = None, find_source=None) -> E4TW
 def load(path: str, backbone: dict | None = None, find_source=None) -> E4TWeights:
     """Either a published folder (or a file inside one) or one of our `.safetensors` files."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return load_published(path)
-    if path.endswith((".pt", ".bin", ".json")):
-        return load_published(os.path.dirname(path))
-    return load_file(path, backbone, find_source)
+    if os.path.isdir(path) or path.endswith((".pt", ".bin", ".json")):
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        weights, fix = load_published(folder), PUBLISHED_FIX
+    else:
+        weights, fix = load_file(path, backbone, find_source), OURS_FIX
+    validate.weights_finite(path, weights, fix)
+    return weights
 
 
 def convert(folder: str, out: str, stock_backbone: str | None = None, dtype: str = "fp16"):
     """Published folder -> one `.safetensors`. The backbone is kept unless `stock_backbone` is proven
     tensor-for-tensor identical to it; a differing stock file is refused, naming the first difference."""
     weights = load_published(folder)
+    validate.weights_finite(folder, weights, PUBLISHED_FIX, backbone=True)
     include = True
     if stock_backbone is not None:
-        stock = backbone_state(_read_any(stock_backbone))
+        stock = backbone_state(read_tensors(stock_backbone))
         ours = backbone_state(weights.encoder.state_dict())
         diff = first_difference(ours, stock)
         if diff is not None:
@@ -384,9 +381,3 @@ def convert(folder: str, out: str, stock_backbone: str | None = None, dtype: str
     save(weights, out, dtype=dtype, include_backbone=include)
     return weights
 
-
-def _read_any(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file as st_load
-        return st_load(path)
-    return load_pickled_state_dict(path)

@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import E4TFileError, load_pickled_state_dict
+from .files import E4TFileError, read_tensors
 from .encoder import CLIP_MEAN, CLIP_STD
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -28,12 +28,7 @@ def load_clip(config: str, weights: str):
         model, tokenize = open_clip.CLIP(**cfg), open_clip.tokenize
     else:
         model, tokenize = open_clip.create_model(config, pretrained=None), open_clip.get_tokenizer(config)
-    if weights.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    else:
-        state = load_pickled_state_dict(weights)
-    model.load_state_dict(state)
+    model.load_state_dict(read_tensors(weights))
     return model.eval(), tokenize
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import DomainConfig, E4TFileError, E4TWeights, atomic_write, save, walk
+from .files import read_pickle
 from .encoder import Encoder
 from .evaluate import pil_to_tensor
 from .offsets import Offsets
@@ -111,7 +112,7 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
                           autocast_dtype)
     start = 0
     if resume:
-        state = torch.load(resume, map_location="cpu", weights_only=True)
+        state = read_pickle(resume, "resume from an earlier state.pt, or start again without --resume", state_dict=False)
         enc.load_state_dict(state["heads"], strict=False)
         offs.load_state_dict(state["offsets"])
         opt.load_state_dict(state["optimizer"])

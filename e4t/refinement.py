@@ -10,6 +10,7 @@ import math
 import torch
 
 from .losses import placeholder_word
+from .validate import NonFiniteError
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -73,5 +74,18 @@ class Refinement:
         if not frozen:
             self.last = predict_embedding(self.encoder, unet, x, t, self.empty_context, self.e_domain,
                                           self.scale, dtype)
-            self.history.append((t_now, float((self.last - self.e_domain.to(self.last)).norm(dim=-1).mean())))
+            norm = float((self.last - self.e_domain.to(self.last)).norm(dim=-1).mean())     # one sync per step
+            if not math.isfinite(norm):
+                self.last = None
+                raise NonFiniteError(_non_finite(x, t_now))
+            self.history.append((t_now, norm))
         return self.last
+
+
+def _non_finite(x: torch.Tensor, t: float) -> str:
+    source = ("the sampler's latent already was (the model or an earlier node made NaN or infinite values)"
+              if not bool(torch.isfinite(x).all()) else
+              "the model produced them from a finite latent (half precision overflowing, or a damaged concept "
+              "or checkpoint)")
+    return (f"E4T stopped sampling: the placeholder's embedding is NaN or infinite at timestep {t:.0f}; {source}. "
+            f"Nothing was changed: try the model in fp32 or bf16, a lower strength, or re-make the concept")

@@ -7,6 +7,9 @@ import sys
 
 import torch
 
+import e4t
+from e4t import validate
+
 FORGE_MESSAGE = ("E4T for Automatic1111 does not run on Forge: Forge replaces the webui's model stack "
                  "(no ldm U-Net, no textual-inversion hijack, its own LoRA patcher). Use A1111 1.10, or "
                  "the ComfyUI node pack of this project.")
@@ -32,17 +35,42 @@ def check_model(sd_model):
         raise E4TError(FORGE_MESSAGE)
     if sd_model is None:
         raise E4TError("no Stable Diffusion checkpoint is loaded")
-    if not getattr(sd_model, "is_sd1", False):
-        kind = "SDXL" if getattr(sd_model, "is_sdxl", False) else "SD 2.x" if getattr(sd_model, "is_sd2", False) \
-            else type(sd_model).__name__
-        raise E4TError(f"E4T needs an SD 1.x checkpoint; the loaded one is {kind}")
-    if getattr(sd_model, "cond_stage_key", "") == "edit" or sd_model.model.diffusion_model.in_channels != 4:
-        raise E4TError("E4T needs a standard 4-channel SD 1.x checkpoint; inpainting and instruct-pix2pix "
-                       "checkpoints are not supported")
+    kind = "SDXL" if getattr(sd_model, "is_sdxl", False) else "SD 2.x" if getattr(sd_model, "is_sd2", False) \
+        else type(sd_model).__name__
+    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded checkpoint"
+    in_channels = 8 if getattr(sd_model, "cond_stage_key", "") == "edit" else sd_model.model.diffusion_model.in_channels
+    try:
+        validate.sd1_model(name, kind, bool(getattr(sd_model, "is_sd1", False)), in_channels)
+    except validate.InputError as err:
+        raise E4TError(str(err)) from None
     from modules import sd_unet
     if getattr(sd_unet, "current_unet", None) is not None:
         raise E4TError("E4T works on the webui's own U-Net; an alternative SD U-Net (e.g. TensorRT) is selected: "
                        "set Settings > Stable Diffusion > SD Unet to None to use E4T")
+
+
+def check_fits(name: str, word_dim: int, unet_dim: int, changed: dict, sd_model) -> None:
+    """E4T weights or a concept fit the loaded checkpoint (`e4t.validate.e4t_fits`)."""
+    unet = sd_model.model.diffusion_model
+    _, tm = text_model(sd_model)
+    width = tm.embeddings.position_embedding.weight.shape[-1]
+    channels = sum(e4t.unet_feature_channels(unet.model_channels, unet.channel_mult, unet.num_res_blocks[0]))
+    model = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded checkpoint"
+    try:
+        validate.e4t_fits(name, word_dim, unet_dim, changed, model, width, channels,
+                          {k: v.shape for k, v in unet.state_dict().items()})
+    except validate.InputError as err:
+        raise E4TError(str(err)) from None
+
+
+def safe_unpickle_reason(path: str) -> str:
+    """Why the webui's safe-unpickle check refuses a file (the reason it otherwise prints only to the console)."""
+    from modules import safe
+    try:
+        safe.check_pt(path, None)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "the check passed when run again"
 
 
 def low_vram(sd_model) -> bool:

@@ -150,7 +150,11 @@ class Session:
             raise E4TError("E4T cannot follow a hires-fix checkpoint switch; use the same checkpoint for hires fix")
         self.p, self.sd_model, self.unet = p, sd_model, host.unet(sd_model)
         self.concept = c = concept(concept_name)
-        self.strength, self.t_stop = float(strength), float(t_stop)
+        try:
+            self.strength = e4t.validate.number("E4T strength", strength, 0, 2)
+            self.t_stop = float(e4t.validate.number("E4T t_stop", t_stop, 0, 1000))
+        except e4t.validate.InputError as err:
+            raise E4TError(str(err)) from None
         self.placeholder_text = c.placeholder
         self._check_fit()
         self.device = devices.device
@@ -171,14 +175,9 @@ class Session:
             raise
 
     def _check_fit(self):
-        c, unet = self.concept, self.unet
-        _, tm = host.text_model(self.sd_model)
-        width = tm.embeddings.position_embedding.weight.shape[-1]
-        channels = sum(e4t.unet_feature_channels(unet.model_channels, unet.channel_mult,
-                                                         unet.num_res_blocks[0]))
-        if c.word_dim != width or c.unet_dim != channels:
-            raise E4TError(f"concept {c.name!r} was made for another model size (word width {c.word_dim}, U-Net "
-                           f"features {c.unet_dim}); this checkpoint has {width} and {channels}")
+        c = self.concept
+        changed = {k: tuple(d.shape) for k, d in list(c.deltas.items()) + list(c.unet_delta.items())}
+        host.check_fits(f"concept {c.name!r}", c.word_dim, c.unet_dim, changed, self.sd_model)
 
     def infotext(self) -> dict:
         c = self.concept

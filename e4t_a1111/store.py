@@ -14,6 +14,7 @@ from .host import E4TError
 CONCEPT, WEIGHTS = "concept", "weights"
 _kinds = {}                      # (path, mtime) -> kind or None
 _loaded = {}                     # (path, mtime) -> E4TWeights: the last E4T weights tuned from
+_reasons = {}                    # path -> why it is not an E4T file (a broken file's own message)
 
 
 def folder() -> str:
@@ -38,8 +39,9 @@ def kind(path: str):
                 with safe_open(path, framework="pt") as f:
                     keys = set(f.keys())
                 _kinds[key] = CONCEPT if "concept.tokens" in keys else WEIGHTS
-            except Exception:
+            except Exception as err:
                 _kinds[key] = None
+                _reasons[path] = str(err)
     return _kinds[key]
 
 
@@ -75,14 +77,19 @@ def path_of(name: str, wanted: str) -> str:
     if kind(path) != wanted:
         other = {CONCEPT: "E4T weights, not a personalised concept: tune it in the E4T tab first",
                  WEIGHTS: "a personalised concept, not E4T weights to tune from"}[wanted]
-        raise E4TError(f"{name!r} is {other}" if kind(path) else f"{path} is not an E4T file")
+        raise E4TError(f"{name!r} is {other}" if kind(path) else _reasons.get(path, f"{path} is not an E4T file"))
     return path
 
 
 def load(path: str, keep: bool = True) -> e4t.E4TWeights:
     """e4t.load; with `keep`, the last file loaded stays in RAM for the next tune."""
     key = (path, mtime(path))
-    weights = _loaded.get(key) or e4t.load(path)
+    try:
+        weights = _loaded.get(key) or e4t.load(path)
+    except e4t.PickleRefused as err:        # the webui's safe-unpickle check said why only on the console
+        from .host import safe_unpickle_reason
+        raise E4TError(f"{err}. The webui's safe-unpickle check refused {err.path}: "
+                       f"{safe_unpickle_reason(err.path)}") from None
     _loaded.clear()
     if keep:
         _loaded[key] = weights

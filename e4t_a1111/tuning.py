@@ -20,22 +20,32 @@ from .host import E4TError
 
 
 
+MASK_FIX = "paint the concept white in the mask"
+
+
+def checked(fn, *args, **kwargs):
+    """An `e4t.validate` check whose refusal the tab shows as an E4TError."""
+    try:
+        return fn(*args, **kwargs)
+    except e4t.validate.InputError as err:
+        raise E4TError(str(err)) from None
+
+
 def image_tensor(image) -> torch.Tensor:
-    """PIL image -> (3, H, W) in [-1, 1]."""
-    return e4t.pil_to_tensor(image) * 2 - 1
+    """PIL image (any mode; alpha dropped, grey to RGB) -> (3, H, W) in [-1, 1], checked by `e4t.validate.image`."""
+    if image is None:
+        raise E4TError("upload the concept image first")
+    rgb = checked(e4t.validate.image, e4t.pil_to_tensor(image).permute(1, 2, 0), "concept image")
+    return rgb.permute(2, 0, 1) * 2 - 1
 
 
 def mask_tensor(mask, size) -> torch.Tensor | None:
-    """PIL mask -> (H, W) in [0, 1] at the image's size (white = the concept); None if empty."""
+    """PIL mask -> (H, W) in [0, 1] at the image's (W, H) `size` (white = the concept), checked by
+    `e4t.validate.mask` (the empty-mask rule of both hosts); None stays None."""
     if mask is None:
         return None
-    m = mask.convert("L")
-    if m.size != size:
-        m = m.resize(size)
-    t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
-    if t.max() <= 0:
-        raise E4TError("the mask is black everywhere: paint the concept white, or remove the mask")
-    return t
+    t = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    return checked(e4t.validate.mask, t, (size[1], size[0]), MASK_FIX, "mask")
 
 
 def automatic_mask(pixels: torch.Tensor, kind: str) -> torch.Tensor:
@@ -89,11 +99,10 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
 
     sd_model = shared.sd_model
     host.check_model(sd_model)
+    checked(e4t.validate.tune_config, cfg)                   # inputs checked before anything is loaded
     if host.low_vram(sd_model):
         raise E4TError("tuning needs the whole U-Net on the GPU and does not run with --medvram or --lowvram; "
                        "restart the webui without them to tune (sampling with a concept works with them)")
-    if image is None:
-        raise E4TError("upload the concept image first")
     concept_name = (concept_name or "").strip().replace("\\", "/").strip("/")
     if not re.fullmatch(r"[\w\- .]+(/[\w\- .]+)*", concept_name) or ".." in concept_name.split("/"):
         raise E4TError(f"give the concept a name of letters, digits, '-', '_' and '.' (sub-folders with '/'), "
@@ -115,6 +124,8 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     if weights.encoder.clip_vision.conv1.weight.is_meta:
         raise E4TError(f"{weights_name} carries no ViT backbone (converted with --stock-backbone): convert the "
                        f"published folder again without --stock-backbone to tune from it")
+    host.check_fits(weights_name, weights.encoder.cfg.word_dim, weights.encoder.cfg.unet_dim,
+                    e4t.validate.changed_shapes(weights), sd_model)
     domain_word = (domain_word or weights.config.domain_word).strip()
     token = host.single_token(sd_model, domain_word)
 
@@ -132,7 +143,8 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
 
         def vae_encode(images):
             x = images.to(device, devices.dtype_vae)
-            return sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x)).float()
+            with e4t.seeded(cfg.seed, device):                 # the webui samples the posterior from the global RNG
+                return sd_model.get_first_stage_encoding(sd_model.encode_first_stage(x)).float()
 
         text_encode, marker = text_encoder(sd_model, device)
         result = e4t.tune(unet, encoder, weights.offsets, pixels, text_encode=text_encode,

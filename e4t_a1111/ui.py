@@ -156,13 +156,17 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
     from modules import devices, shared
     sampling.RUNTIME.stop_all()                      # nothing of a failed earlier job may stay on the U-Net
     state = shared.state
+    number = e4t.validate.number                     # form fields may be empty or NaN: say which, before int()
     if memory == "custom":
-        settings = dict(accumulation=int(micro), checkpointing=bool(checkpointing),
-                        optimizer_states="bf16" if compact else "fp32")
+        settings = dict(accumulation=number("micro-batches per step", micro, 1, integer=True),
+                        checkpointing=bool(checkpointing), optimizer_states="bf16" if compact else "fp32")
     else:
         settings = e4t.memory_settings(e4t.memory_mode(memory, devices.device))
-    cfg = e4t.preset(preset or "published", steps=int(steps), lr=float(lr), reg_lambda=float(reg),
-                     batch_size=int(batch), resolution=int(resolution), trains=trains, seed=int(seed), **settings)
+    cfg = tuning.checked(lambda: e4t.preset(
+        preset or "published", steps=number("steps", steps, 1, integer=True), lr=number("learning rate", lr, 0, 1),
+        reg_lambda=number("λ", reg, 0), batch_size=number("batch size", batch, 1, integer=True),
+        resolution=number("resolution", resolution, 64, integer=True), trains=trains,
+        seed=number("seed", seed, 0, 2**64 - 1, integer=True), **settings))
     state.job, state.job_count, state.job_no = "E4T tune", 1, 0
     state.sampling_steps, state.sampling_step = cfg.steps, 0
     state.textinfo = "E4T: encoding the concept image"

@@ -138,11 +138,12 @@ def _clip(seed, clip_config, disable_dynamic=False):
             clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(clip_config), "dtype": torch.float32},
                                  **extra)
         else:
-            path = os.path.join(tempfile.mkdtemp(prefix="e4t-clip-"), "config.json")
-            with open(path, "w") as f:
-                json.dump(clip_config, f)
-            target.params["textmodel_json_config"] = path
-            clip = comfy.sd.CLIP(target)
+            with tempfile.TemporaryDirectory(prefix="e4t-clip-") as folder:      # read by the constructor only
+                path = os.path.join(folder, "config.json")
+                with open(path, "w") as f:
+                    json.dump(clip_config, f)
+                target.params["textmodel_json_config"] = path
+                clip = comfy.sd.CLIP(target)
         if seed is not None:
             _init(clip.cond_stage_model, seed)
     return clip

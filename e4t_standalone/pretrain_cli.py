@@ -5,17 +5,10 @@ from dataclasses import asdict
 import torch
 
 import e4t
-from e4t import (PretrainConfig, augment, backbone_state, ddim, image_files, load_image, load_pickled_state_dict,
-                 pretrain)
+from e4t import (PretrainConfig, augment, backbone_state, ddim, image_files, load_image, pretrain,
+                 read_tensors)
 
 from .comfy_models import SD1, import_comfy, in_place_residuals, tiny_encoder
-
-
-def _read(path):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return load_pickled_state_dict(path)
 
 
 def _distributed(device_arg):
@@ -40,7 +33,7 @@ def _encoder(args, sd1):
             raise e4t.E4TFileError("give --vit (the ViT-H/14 CLIP-vision weights, open_clip or Hugging Face "
                                    "layout) or --init (E4T weights to start from)")
         encoder = e4t.Encoder(e4t.EncoderConfig())
-        encoder.clip_vision.load_state_dict(backbone_state(_read(args.vit)))
+        encoder.clip_vision.load_state_dict(backbone_state(read_tensors(args.vit)))
     offsets = e4t.Offsets(e4t.targets(sd1.unet.state_dict()), identity=not args.published_init)
     return encoder, offsets, e4t.DomainConfig(domain_word=args.domain_word, reg_lambda=args.reg_lambda,
                                               encoder=asdict(encoder.cfg))

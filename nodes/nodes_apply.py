@@ -1,4 +1,6 @@
 """Apply E4T: weight offsets on a MODEL clone plus per-step refinement of E4T prompts."""
+from ..e4t import validate
+from . import inputs
 from .refine import apply_e4t
 
 
@@ -28,4 +30,7 @@ class E4TApply:
                    "refines the placeholder of E4T Text Encode prompts at every step.")
 
     def apply(self, model, clip, e4t, strength, t_stop, image=None, clip_vision=None):
+        strength = validate.number("strength", strength, 0, 2)
+        t_stop = validate.number("t_stop", t_stop, 0, 1000, integer=True)
+        image = None if image is None else inputs.image(image)
         return (apply_e4t(model, clip, e4t, image, strength, t_stop, clip_vision),)

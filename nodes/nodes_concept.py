@@ -29,7 +29,10 @@ class E4TSaveConcept:
         os.makedirs(root, exist_ok=True)
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, root)
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{name}_{counter:05}.safetensors")
+        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")   # the `_` core savers use: hosts count on it
+        while os.path.exists(path):                                         # never replace a saved concept
+            counter += 1
+            path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
         engine.save(e4t.weights, path, include_backbone=False)
         return {"ui": {"text": [os.path.relpath(path, folders.save_dir())]}}
 

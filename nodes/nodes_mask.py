@@ -1,5 +1,5 @@
 """E4T Face Mask: a MASK for the face-masked tune, found automatically in the concept image."""
-from ..e4t import CASCADES, detect_mask
+from ..e4t import CASCADES, detect_mask, validate
 
 
 class E4TFaceMask:
@@ -19,4 +19,5 @@ class E4TFaceMask:
                    "Personalize. Needs opencv-python-headless<5; otherwise paint the mask by hand.")
 
     def mask(self, image, detect, grow):
-        return (detect_mask(image[0], detect, grow)[None],)
+        grow = validate.number("grow", grow, 1, 4)
+        return (detect_mask(validate.image(image), detect, grow)[None],)

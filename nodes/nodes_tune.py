@@ -12,7 +12,8 @@ from ..e4t import line_plot
 from ..e4t_standalone.comfy_models import in_place_residuals
 from .model import E4T, image_sha256, image_to_engine, image_uint8
 from .prompt import PlaceholderPrompt
-from .refine import apply_e4t, base_fingerprint, check_unet, domain_token, text_model
+from . import inputs
+from .refine import apply_e4t, base_fingerprint, domain_token, text_model
 
 
 def _n_layers(clip, tm):
@@ -80,14 +81,7 @@ class E4TPersonalize:
         cfg = engine.TuneConfig(steps=steps, batch_size=batch_size, lr=lr, reg_lambda=reg_lambda, seed=seed,
                                 trains=trains, resolution=resolution, **engine.memory_settings(memory),
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
-        check_unet(model)
-        engine_mask = None   # checked before any model is loaded
-        if mask is not None:
-            m = mask[0] if mask.dim() == 3 else mask
-            engine_mask = torch.nn.functional.interpolate(m[None, None].float(), size=image.shape[1:3], mode="bilinear")[0, 0]
-            if engine_mask.mean() < 0.01:
-                raise ValueError("E4T Personalize: the MASK is (almost) empty, so nothing would be learned from the "
-                                 "image. Paint the face in the image's mask editor, or use E4T Face Mask.")
+        image, engine_mask = inputs.tune_inputs(model, clip, e4t, image, mask, cfg)   # before any model is loaded
         work, clip_work = _trainable(model, "MODEL"), _trainable(clip.patcher, "CLIP")
         device = work.load_device
         features = e4t.features(image, device)
@@ -105,7 +99,7 @@ class E4TPersonalize:
             return encode_ids(torch.stack(ids).to(device), words, torch.tensor(pos, device=device))
 
         def vae_encode(images):
-            with torch.inference_mode():
+            with torch.inference_mode(), engine.seeded(seed, device):      # older hosts sample the posterior
                 z = work.model.process_latent_in(vae.encode(((images + 1) / 2).movedim(1, -1)))
             return z.clone()
 

@@ -48,15 +48,7 @@ def unpatched(model, key, state_dict):
 
 def add_e4t_patches(model, deltas: dict, unet_delta: dict, strength: float) -> None:
     """Patch a MODEL clone: tuned U-Net delta (diff) then the offsets, both scaled by `strength`."""
-    base = model.model_state_dict()
-    missing = sorted(PREFIX + k for k in list(deltas) + list(unet_delta) if PREFIX + k not in base)
-    if missing:
-        raise ValueError(f"E4T weights do not fit this model: it has no weight {missing[0]!r} ({len(missing)} "
-                         f"missing). Is this an SD1.x model?")
-    for k, d in list(deltas.items()) + list(unet_delta.items()):
-        if tuple(d.shape) != tuple(base[PREFIX + k].shape):
-            raise ValueError(f"E4T weights are for SD1.x (768-wide text encoder): {k} is {list(base[PREFIX + k].shape)} "
-                             f"in this model, {list(d.shape)} in the E4T weights. Use an SD1.x checkpoint.")
+    base = model.model_state_dict()     # shapes checked by e4t.validate.e4t_fits before anything is patched
     if unet_delta:
         model.add_patches({PREFIX + k: (v,) for k, v in unet_delta.items()}, strength)
     if WeightAdapterBase is not None:

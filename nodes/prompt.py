@@ -11,7 +11,7 @@ import torch
 
 import comfy.model_management
 
-from ..e4t import MARKERS
+from ..e4t import MARKERS, validate
 
 
 def _ids(clip, text):
@@ -22,6 +22,7 @@ class PlaceholderPrompt:
     """Tokens of a prompt plus the (chunk, index) slots of its placeholder, and the CLIP that encodes it."""
 
     def __init__(self, clip, text: str, placeholder: str):
+        placeholder = validate.placeholder(placeholder)
         self.clip, self.text, self.placeholder = clip, text, placeholder
         special = set(_ids(clip, ""))
         others = set(_ids(clip, text.replace(placeholder, " ")))

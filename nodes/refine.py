@@ -14,6 +14,7 @@ import comfy.model_management
 import comfy.model_patcher
 
 from ..e4t import Refinement, base_fingerprint as fingerprint, check_base
+from .inputs import check_model
 from .model import E4T
 from .patches import PREFIX, add_e4t_patches, unpatched
 from .prompt import LEGACY
@@ -30,13 +31,6 @@ def base_fingerprint(model) -> str:
     """The engine's fingerprint of the base U-Net (first and last convolution, without any patch)."""
     sd = model.model_state_dict()
     return fingerprint(*(unpatched(model, PREFIX + k, sd) for k in ("input_blocks.0.0.weight", "out.2.weight")))
-
-
-def check_unet(model):
-    channels = getattr(model.model.diffusion_model, "in_channels", 4)
-    if channels != 4:
-        raise ValueError(f"E4T needs a standard SD1.x model with 4 latent input channels; this one has {channels} "
-                         f"(an inpainting or instruct model?)")
 
 
 def domain_token(clip, word: str) -> int:
@@ -131,7 +125,7 @@ def _legacy_wrapper(state, inner):
 
 def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_vision=None):
     """A MODEL clone with E4T's weights patched in and the refinement wrapper installed."""
-    check_unet(model)
+    check_model(model, clip, e4t)
     if clip_vision is not None:
         e4t.use_stock_backbone(clip_vision)
     if e4t.config.concept:

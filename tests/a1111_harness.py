@@ -876,6 +876,75 @@ def test_tab_and_script_ui_build_and_infotext_restores():
     return {"create_ui_s": round(seconds, 1)}
 
 
+@case()
+def test_bad_inputs_are_refused_with_what_to_do():
+    """Per class of bad input, in the tab and the always-on script: one message saying what to do; same
+    rules as the ComfyUI nodes (e4t.validate); same seed, same concept; broken files named."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    import e4t
+    from modules import call_queue
+    _, _, store, tuning, ui = e4t_modules()
+    tune = call_queue.wrap_gradio_gpu_call(ui.run_tune, extra_outputs=[None, ""])
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (72, 56, 3), dtype=np.uint8))
+    black = Image.new("L", (56, 72))
+    speck = Image.new("L", (56, 72))
+    speck.paste(255, (0, 0, 4, 4))                                       # 0.4 %: empty by the one rule
+    messages = {}
+    for label, (img, mask, lr, seed), wanted in (
+            ("black mask", (image, black, 1e-3, 0), "covers 0.00 %"), ("speck mask", (image, speck, 1e-3, 0), "less than 1 %"),
+            ("mask shape", (image, Image.new("L", (100, 40), 255), 1e-3, 0), "must have the image"),
+            ("nan lr", (image, None, float("nan"), 0), "learning rate is nan"), ("no seed", (image, None, 1e-3, None), "seed is None"),
+            ("tiny image", (Image.new("RGB", (8, 8)), None, 1e-3, 0), "at least 16"), ("no image", (None, None, 1e-3, 0), "upload")):
+        plot, _, message = tune(f"task(bad-{label})", "tiny-e4t", img, mask, "face", f"bad/{label.replace(' ', '-')}",
+                                "published", 1, lr, 1e-4, 1, 64, "all", 1, seed, False, "none")
+        check(plot is None and "class='error'" in message and wanted in message, f"{label}: {message}")
+        messages[label] = message
+    check(not os.path.exists(os.path.join(ENV.e4t_dir, "bad")), "a refused tune wrote a file")
+    # numbers of the always-on script
+    try:
+        generate("a photo of *s", concept_args(strength=float("nan")), steps=2)
+    except Exception as err:
+        messages["nan strength"] = str(err)
+    else:
+        raise AssertionError("sampling with strength NaN ran")
+    check("E4T strength is nan" in messages["nan strength"], messages["nan strength"])
+    # broken files: a zero-byte concept; a published folder the webui's safe-unpickle check refuses
+    with open(os.path.join(ENV.e4t_dir, "broken.safetensors"), "wb"):
+        pass
+    try:
+        generate("a photo of *s", concept_args(name="broken"), steps=2)
+    except Exception as err:
+        messages["empty concept"] = str(err)
+    else:
+        raise AssertionError("sampling with an empty concept file ran")
+    check("broken.safetensors is empty (0 bytes)" in messages["empty concept"], messages["empty concept"])
+    folder = os.path.join(ENV.e4t_dir, "refused-face")
+    os.makedirs(folder, exist_ok=True)
+    weights = e4t.load(os.path.join(ENV.e4t_dir, "tiny-e4t.safetensors"))
+    torch.save({**weights.encoder.state_dict(), "flag": torch.ones(1, dtype=torch.bool)}, os.path.join(folder, "encoder.pt"))
+    torch.save({"x": torch.ones(1)}, os.path.join(folder, "weight_offsets.pt"))
+    plot, _, message = tune("task(bad-refused)", "refused-face", image, None, "face", "bad/refused", "published", 1,
+                            1e-3, 1e-4, 1, 64, "all", 1, 0, False, "none")
+    check(plot is None and "safe-unpickle check refused" in message and "forbidden" in message
+          and "python -m e4t convert" in message and "NoneType" not in message, f"refused pickle: {message}")
+    messages["refused pickle"] = message
+    # last (slow): grey (L) and RGBA images tune as their RGB; the same seed gives the same concept whatever ran before
+    cfg = e4t.preset("published", steps=1, batch_size=1, resolution=64, lr=1e-3, seed=4)
+    deltas = {}
+    for name, img in (("grey", image.convert("L")), ("grey-rgb", image.convert("L").convert("RGB")),
+                      ("rgba", image.convert("RGBA")), ("rgb", image)):
+        torch.manual_seed(len(name) * 7)
+        torch.randn(len(name) * 3)
+        path, _ = tuning.tune("tiny-e4t", img, None, "face", f"seeded/{name}", cfg, overwrite=True)
+        deltas[name] = e4t.load(path).unet_delta
+    for a, b in (("grey", "grey-rgb"), ("rgba", "rgb")):
+        check(all(torch.equal(deltas[a][k], deltas[b][k]) for k in deltas[a]), f"{a} and {b} gave different concepts")
+    return {k: v[-300:] for k, v in messages.items()}
+
+
 @case("medvram", "lowvram")
 def test_low_vram_sampling_works_and_tuning_refuses():
     from modules import shared

@@ -127,6 +127,11 @@ def test_newcomer_tab_hints_and_api_warning(webui):
     details(webui, "test_newcomer_tab_hints_and_api_warning")
 
 
+def test_bad_inputs_are_refused_with_what_to_do(webui):
+    d = details(webui, "test_bad_inputs_are_refused_with_what_to_do")
+    assert "forbidden" in d["refused pickle"] and "is empty" in d["empty concept"]
+
+
 def test_low_vram_sampling_works_and_tuning_refuses(webui_low_vram):
     details(webui_low_vram, "test_extension_is_discovered")
     assert "--medvram" in details(webui_low_vram, "test_low_vram_sampling_works_and_tuning_refuses")["refusal"]

@@ -105,3 +105,17 @@ def test_two_processes_with_torchrun(data, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("wrote checkpoints") == 1                    # rank 0 only
     assert e4t.load(str(tmp_path / "e4t-000002.safetensors")).config.domain_word == "cat"
+
+
+def test_tiny_run_leaves_no_temporary_folder_and_a_broken_resume_file_is_named(data, tmp_path, monkeypatch, capsys):
+    import tempfile
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))          # this run's temporaries only
+    assert run(data, tmp_path / "out", 2) == 0
+    assert not [f for f in os.listdir(scratch) if f.startswith("e4t-")], os.listdir(scratch)
+    state = tmp_path / "out" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    assert run(data, tmp_path / "out", 4, "--resume", str(state)) == 2
+    err = capsys.readouterr().err
+    assert str(state) in err and "cut short" in err and "without --resume" in err
