@@ -121,7 +121,7 @@ class CompactAdamW(torch.optim.Optimizer):
     bases: {parameter: frozen tensor}; such a parameter is a delta and the weight is base + delta.
     loss_scale: gradients are divided by it (fp16 dynamic loss scaling); a bucket whose gradients are not finite
     is then left as it was and `finished()` says so (the caller retries those buckets with a smaller scale).
-    Otherwise a non-finite gradient sets the device flag `nonfinite` (read once per step by the caller)."""
+    Otherwise a non-finite gradient clears the device flag `finite` (read once per step by the caller)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, states="bf16",
                  chunk=1 << 23, bases=None):
@@ -130,7 +130,7 @@ class CompactAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.states, self.chunk, self.bases = states, chunk, bases or {}
         self.loss_scale = 1.0
-        self.nonfinite = None
+        self.finite = None                       # device flag: every gradient of this step was finite
         self._generators = {}                    # per device, fixed seed: a tune stays reproducible
         self._buckets, self._of = [], {}
         self._forming, self._laid_out = [], False
@@ -175,7 +175,7 @@ class CompactAdamW(torch.optim.Optimizer):
         finite = torch.isfinite(g).all()
         if self.loss_scale != 1.0 and not bool(finite):                        # fp16: skip, the caller retries
             return False
-        self.nonfinite = ~finite if self.nonfinite is None else self.nonfinite | ~finite
+        self.finite = finite if self.finite is None else self.finite & finite
         lr, (b1, b2), eps, wd = (self._group[k] for k in ("lr", "betas", "eps", "weight_decay"))
         bucket.step += 1
         m, v = bucket.moments()

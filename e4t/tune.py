@@ -283,8 +283,8 @@ def _stepped(opt, params, cfg: TuneConfig, loss_scale: float) -> bool:
     if cfg.fused_step:
         if not opt.finished():
             return False
-        bad, opt.nonfinite = opt.nonfinite, None
-        return bad is None or not bool(bad)
+        finite, opt.finite = opt.finite, None
+        return finite is None or bool(finite)
     grads = [p.grad for p in params if p.grad is not None]
     if loss_scale != 1.0:
         torch._foreach_mul_(grads, 1 / loss_scale)
