@@ -287,6 +287,10 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
     from .text import WordInjector
     from .tune import tune
 
+    key = _cache_key(unet, text_model, cfg, encoder_config, weight_dtype, autocast_dtype, resident_bytes, steps,
+                     clone_norm_inputs)
+    if key in _CACHE:
+        return replace(_CACHE[key], seconds=0.0)
     reason = supported() or (None if _storages_ok() else "this torch does not keep storage objects alive")
     if reason:
         raise RuntimeError(f"cannot estimate tune memory: {reason}")
@@ -334,4 +338,16 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
     breakdown = live.breakdown()
     breakdown["resident"] += rounded(resident_bytes)
     breakdown["activations"] -= rounded(resident_bytes)
-    return MemoryEstimate(peak=live.peak, breakdown=breakdown, seconds=time.perf_counter() - t0, steps=steps)
+    _CACHE[key] = MemoryEstimate(peak=live.peak, breakdown=breakdown, seconds=time.perf_counter() - t0, steps=steps)
+    return _CACHE[key]
+
+
+_CACHE = {}   # an estimate takes a minute at full size; the same architecture and settings give the same bytes
+
+
+def _cache_key(unet, text_model, cfg, *settings):
+    """Architecture (class, parameter names, shapes, dtypes) + every setting that can change the bytes."""
+    def shapes(module):
+        return (type(module).__qualname__,) + tuple((n, tuple(t.shape), t.dtype) for n, t in
+                                                    itertools.chain(module.named_parameters(), module.named_buffers()))
+    return hash((shapes(unet), shapes(text_model), replace(cfg, steps=0, seed=0, lr=0.0), settings, torch.__version__))
