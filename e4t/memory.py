@@ -225,7 +225,7 @@ def fake_copy(module, mode, dtype=None):
             dt = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
             with torch.inference_mode(t.is_inference()):
                 f = torch.empty_strided(t.shape, t.stride(), dtype=dt, device="cpu")
-            memo[id(t)] = torch.nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else f
+                memo[id(t)] = torch.nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else f
     out = copy.deepcopy(module, memo)
     if dtype is not None and isinstance(getattr(out, "dtype", None), torch.dtype):
         out.dtype = dtype                      # CompVis U-Nets cast their input to this

@@ -42,7 +42,7 @@ def test_known_program():
 
 def test_tune_estimate_tiny(unet, clip):
     """A tiny tune (fast mode, trains all): trainable copies, optimizer state and what is resident equal the
-    byte counts computed here from the models; the peak holds them plus activations; modes order as they should."""
+    byte counts computed here from the models; the peak holds them plus activations; bf16 moments halve the optimizer state; a repeat comes from the cache."""
     from tiny_models import text_model, tiny_encoder_config
     from e4t_standalone.comfy_models import in_place_residuals
     text = text_model(clip)
@@ -58,7 +58,8 @@ def test_tune_estimate_tiny(unet, clip):
     assert est.breakdown["optimizer"] == 2 * fp32                    # AdamW: exp_avg, exp_avg_sq in fp32
     fp16 = lambda ps: sum(rounded(2 * p.numel()) for p in ps)   # noqa: E731
     other = rounded(4 * enc_cfg.n_tokens * enc_cfg.vit_width) + rounded(2 * 77 * enc_cfg.word_dim) \
-        + rounded(4 * enc_cfg.word_dim) + rounded(4 * 3 * 64 * 64)  # features, empty context, e_domain, image
+        + rounded(4 * enc_cfg.word_dim) + rounded(4 * 3 * 64 * 64) \
+        + rounded(8 * 4 * 77) + rounded(8 * 4)      # features, empty context, e_domain, image, token ids, positions
     assert est.breakdown["resident"] == fp16(unet.parameters()) + 2 * fp16(text.parameters()) + other
     assert sum(est.breakdown.values()) == est.peak
     assert est.breakdown["activations"] > 0
@@ -66,7 +67,8 @@ def test_tune_estimate_tiny(unet, clip):
     lean = memory.estimate_tune_peak(unet, e4t.TuneConfig(batch_size=4, resolution=64, trains="all",
                                                           **e4t.memory_settings("low_vram", 4)),
                                      text_model=text, encoder_config=enc_cfg, clone_norm_inputs=in_place_residuals())
-    assert lean.breakdown["optimizer"] < est.breakdown["optimizer"] and lean.peak < est.peak
+    # bf16 moments in flat chunks: half, less the 512-byte rounding of each fp32 moment tensor
+    assert 0.45 < lean.breakdown["optimizer"] / est.breakdown["optimizer"] <= 0.5
     again = memory.estimate_tune_peak(unet, cfg, text_model=text, encoder_config=enc_cfg,
                                       clone_norm_inputs=in_place_residuals())
     assert again.peak == est.peak and again.seconds == 0.0          # cached
