@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten
 
 ALLOCATION = 512          # the CUDA caching allocator hands out multiples of 512 bytes
 MIN_TORCH = (2, 2)
@@ -113,7 +113,7 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self._memo:
             self._memo.clear()
-        for t in [] if self.paused else tree_leaves(out):
+        for t in [] if self.paused else tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 self.add(t)
         return out
@@ -255,7 +255,7 @@ def _optimizer_labels(live: LiveBytes):
                 if p.grad is not None:
                     live.add(p.grad, "gradients")
         for state in opt.state.values():
-            for t in tree_leaves(state):
+            for t in tree_flatten(state)[0]:
                 if isinstance(t, torch.Tensor) and t.dim() > 0:
                     live.add(t, "optimizer")
         live.label_unlabelled("kept")
@@ -287,13 +287,13 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
     from .text import WordInjector
     from .tune import tune
 
+    reason = supported() or (None if _storages_ok() else "this torch does not keep storage objects alive")
+    if reason:
+        raise RuntimeError(f"cannot estimate tune memory: {reason}")
     key = _cache_key(unet, text_model, cfg, encoder_config, weight_dtype, autocast_dtype, resident_bytes, steps,
                      clone_norm_inputs)
     if key in _CACHE:
         return replace(_CACHE[key], seconds=0.0)
-    reason = supported() or (None if _storages_ok() else "this torch does not keep storage objects alive")
-    if reason:
-        raise RuntimeError(f"cannot estimate tune memory: {reason}")
     t0 = time.perf_counter()
     mode = fake_mode_of(unet) or fake_mode_of(text_model) or FakeTensorMode(allow_non_fake_inputs=True)
     fake_unet = fake_copy(unet, mode, weight_dtype)
