@@ -203,6 +203,7 @@ def rss_growth(s, args):
         rows.append((f"tune, batch {args.batch}, {s.res} px, {args.steps} steps, {memory}, trains {trains}",
                      f"RSS growth {(peak[0] - base) / 1e9:.2f} GB", f"{time.perf_counter() - t0:.1f} s",
                      f"before {base / 1e9:.2f} GB", ""))
+        print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)     # kept if a later row runs out
     return rows
 
 

@@ -27,11 +27,12 @@ from e4t import memory  # noqa: E402
 from e4t_standalone import comfy_models  # noqa: E402
 
 # torch.cuda.max_memory_allocated of bench.py's 2-step tune, batch 16, 512 px, bf16 autocast, H100
-# (BENCHMARKS.md, 2026-11-23: the last run of each mode).
-MEASURED_H100 = {("fast", "all"): 44.57, ("low_vram", "all"): 22.89, ("low_vram", "attention"): 15.09}
+# (BENCHMARKS.md, 2026-11-23). The low_vram figures of that day (22.89 / 15.09 GiB) were of the previous low_vram
+# mode (fp32 masters, 4 micro-batches, bf16 moments); the estimate matched them at commit 5a186c2 (22.73 / 15.00).
+MEASURED_H100 = {("fast", "all"): 44.57}
 
 
-def fake_models(tiny):
+def fake_models(tiny, dtype=torch.float16):
     """The host's U-Net and text transformer as bench.py builds them, on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     comfy_models.import_comfy(cpu=True)
@@ -39,7 +40,7 @@ def fake_models(tiny):
     attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch  # as on a GPU
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        model = comfy_models.tiny_model(unet_config=tm.TINY_UNET if tiny else tm.SD15_UNET, dtype=torch.float16)
+        model = comfy_models.tiny_model(unet_config=tm.TINY_UNET if tiny else tm.SD15_UNET, dtype=dtype)
         clip = tm.tiny_clip(clip_config=tm.TINY_CLIP if tiny else tm.CLIP_L)
     return model.model.diffusion_model, tm.text_model(clip)
 
@@ -62,12 +63,15 @@ def main():
                    help="extra TuneConfig fields for every row, e.g. checkpointing=True,accumulation=16 "
                         "(repeat the option for more rows: each adds its own set)")
     p.add_argument("--autocast", choices=["bf16", "fp16", "none"], default="bf16")
+    p.add_argument("--weights", choices=["fp16", "fp32"], default="fp16",
+                   help="the host's U-Net and text weights (fp32: ComfyUI on a CPU)")
     args = p.parse_args()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     res = args.resolution or (64 if args.tiny else 512)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.autocast]
     t0 = time.perf_counter()
-    unet, text = fake_models(args.tiny)
+    weights = {"fp16": torch.float16, "fp32": torch.float32}[args.weights]
+    unet, text = fake_models(args.tiny, weights)
     built = time.perf_counter() - t0
     extras = [dict((kv.split("=", 1)[0], value(kv.split("=", 1)[1])) for kv in c.split(",")) for c in args.config] or [{}]
     print(f"# E4T tune memory, estimated on the CPU ({'tiny' if args.tiny else 'full-size'} SD1.5 U-Net + CLIP-L, "
@@ -81,8 +85,8 @@ def main():
         mode, trains = pair.split(":")
         for extra in extras:
             cfg = e4t.TuneConfig(batch_size=args.batch, resolution=res, lr=1e-5, templates=("a photo of {}",),
-                                 trains=trains, **{**e4t.memory_settings(mode, args.batch), **extra})
-            est = memory.estimate_tune_peak(unet, cfg, text_model=text, autocast_dtype=autocast,
+                                 trains=trains, **{**e4t.memory_settings(mode), **extra})
+            est = memory.estimate_tune_peak(unet, cfg, text_model=text, autocast_dtype=autocast, weight_dtype=weights,
                                             clone_norm_inputs=comfy_models.in_place_residuals(),
                                             encoder_config=tm.tiny_encoder_config() if args.tiny else None)
             gib = est.peak / 2**30

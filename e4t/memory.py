@@ -285,6 +285,7 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
     from .losses import sd1_alphas_cumprod
     from .offsets import Offsets, targets
     from .text import WordInjector
+    from .precision import Precision
     from .tune import tune
 
     reason = supported() or (None if _storages_ok() else "this torch does not keep storage objects alive")
@@ -333,7 +334,7 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
 
         tune(fake_unet, encoder, offsets, image, text_encode=text_encode, vae_encode=vae_encode, e_domain=e_domain,
              empty_context=empty, alphas_cumprod=sd1_alphas_cumprod(), cfg=replace(cfg, steps=steps),
-             features=ImageFeatures(tokens=tokens), autocast_dtype=autocast_dtype,
+             features=ImageFeatures(tokens=tokens), precision=Precision(autocast_dtype),
              clone_norm_inputs=clone_norm_inputs)
     breakdown = live.breakdown()
     breakdown["resident"] += rounded(resident_bytes)
