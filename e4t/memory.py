@@ -10,6 +10,7 @@ flash-attention kernel; before it the CPU attention materialises every score mat
 """
 import copy
 import itertools
+import os
 import time
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -352,3 +353,57 @@ def _cache_key(unet, text_model, cfg, *settings):
         return (type(module).__qualname__,) + tuple((n, tuple(t.shape), t.dtype) for n, t in
                                                     itertools.chain(module.named_parameters(), module.named_buffers()))
     return hash((shapes(unet), shapes(text_model), replace(cfg, steps=0, seed=0, lr=0.0), settings, torch.__version__))
+
+
+# --- choosing a memory mode -------------------------------------------------------------------------------------
+
+# Peak GPU memory of a tune of full-size SD1.5 (fp16 weights, bf16 autocast, batch 16, 512 px) in GiB, estimated
+# with `estimate_tune_peak` (benchmarks/memory.py, BENCHMARKS.md): what does not grow with the batch (the host's
+# U-Net and text weights, trainable copies, optimizer state), and what grows with batch x pixels (activations).
+TUNE_PEAK_GIB = {
+    ("fast", "all"): (16.0, 28.5),
+    ("fast", "attention"): (9.2, 28.5),
+    ("low_vram", "all"): (7.5, 4.3),
+    ("low_vram", "attention"): (4.65, 4.2),
+}
+HEADROOM = 1.1                         # the allocator's rounding and fragmentation, the host's own buffers
+
+
+def tune_peak(mode: str, trains: str = "all", batch_size: int = 16, resolution: int = 512) -> float:
+    """Estimated peak GPU memory (bytes) of an SD1.5 tune in `mode`, from the table above."""
+    fixed, activations = TUNE_PEAK_GIB[(mode, trains)]
+    return (fixed + activations * batch_size * resolution ** 2 / (16 * 512 ** 2)) * 2**30
+
+
+def available_memory(device) -> int:
+    """Bytes a tune may use on `device`: a GPU's memory less what other processes hold (this process's models can
+    be moved off by the host); the CPU's RAM (also Apple's unified memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total - max(0, (total - free) - torch.cuda.memory_reserved(device))
+    if hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 0
+
+
+def memory_mode(mode: str, device, available: int | None = None, trains: str = "all", batch_size: int = 16,
+                resolution: int = 512) -> str:
+    """'auto' -> the fastest mode whose estimated peak, with headroom, fits in `available` bytes (default:
+    `available_memory(device)`); other modes as given. When none fits, an InputError (a ValueError) says what
+    would, before anything is loaded."""
+    if mode != "auto":
+        return mode
+    available = available_memory(device) if available is None else available
+    for candidate in ("fast", "low_vram"):
+        if tune_peak(candidate, trains, batch_size, resolution) * HEADROOM <= available:
+            return candidate
+    need = tune_peak("low_vram", trains, batch_size, resolution) * HEADROOM / 2**30
+    smaller = [f"batch_size {b}" for b in (8, 4, 2, 1) if b < batch_size
+               and tune_peak("low_vram", trains, b, resolution) * HEADROOM <= available][:1]
+    if trains == "all" and tune_peak("low_vram", "attention", batch_size, resolution) * HEADROOM <= available:
+        smaller.append("trains: attention")
+    from .validate import InputError
+    raise InputError(f"this tune needs about {need:.1f} GiB in low_vram mode (batch {batch_size}, {resolution} px, "
+                     f"trains {trains}), and {torch.device(device)} has {available / 2**30:.1f} GiB for it. "
+                     + (f"Try {' or '.join(smaller)}." if smaller else "Lower batch_size or resolution."))

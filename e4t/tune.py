@@ -75,25 +75,6 @@ MEMORY_MODES = {
 }
 
 
-FAST_MODE_GIB = 46     # a batch-16 fast tune peaked at 44.6 GiB on an H100 (BENCHMARKS.md), plus the host's models
-
-
-def memory_mode(mode: str, device, total_memory: int | None = None) -> str:
-    """'auto' -> 'fast' where the device (RAM for the CPU) holds FAST_MODE_GIB, else 'low_vram'; other modes as
-    given. total_memory: the device's bytes as the host counts them (default: what torch / the OS report)."""
-    if mode != "auto":
-        return mode
-    device = torch.device(device)
-    if total_memory is None:
-        if device.type == "cuda":
-            total_memory = torch.cuda.get_device_properties(device).total_memory
-        elif device.type == "cpu" and hasattr(os, "sysconf"):
-            total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        else:
-            total_memory = 0
-    return "fast" if total_memory >= FAST_MODE_GIB * 2**30 else "low_vram"
-
-
 def memory_settings(mode: str, batch_size: int | None = None) -> dict:
     """TuneConfig fields of a memory mode (see the module docstring)."""
     if mode not in MEMORY_MODES:

@@ -161,7 +161,9 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
         settings = dict(accumulation=number("micro-batches per step", micro, 1, integer=True),
                         checkpointing=bool(checkpointing), optimizer_states="bf16" if compact else "fp32")
     else:
-        settings = e4t.memory_settings(e4t.memory_mode(memory, devices.device))
+        settings = e4t.memory_settings(tuning.checked(lambda: e4t.memory_mode(
+            memory, devices.device, None, trains, number("batch size", batch, 1, integer=True),
+            number("resolution", resolution, 64, integer=True))))
     cfg = tuning.checked(lambda: e4t.preset(
         preset or "published", steps=number("steps", steps, 1, integer=True), lr=number("learning rate", lr, 0, 1),
         reg_lambda=number("λ", reg, 0), batch_size=number("batch size", batch, 1, integer=True),

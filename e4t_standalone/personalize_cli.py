@@ -97,7 +97,7 @@ def run(args):
             _say(f"warning: the prompt {p!r} lacks the placeholder {config.placeholder!r}: the concept's word is not "
                  f"in it (only its weight changes apply)")
     resolution = args.resolution
-    mode = e4t.memory_mode(args.memory, device)
+    mode = e4t.memory_mode(args.memory, device, None, args.trains, args.batch, args.resolution)
     cfg = e4t.TuneConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, reg_lambda=args.reg_lambda,
                          seed=args.seed, trains=args.trains, resolution=resolution, prediction=sd1.prediction,
                          **e4t.memory_settings(mode))

@@ -44,9 +44,12 @@ def _trainable(patcher, what):
     return patcher.get_non_dynamic_delegate()
 
 
-def memory_mode(memory: str, device) -> str:
-    """The engine's rule for 'auto', with the device's memory (RAM for the CPU) as ComfyUI counts it."""
-    return engine.memory_mode(memory, device, comfy.model_management.get_total_memory(device))
+def memory_mode(memory: str, device, trains: str = "all", batch_size: int = 16, resolution: int = 512) -> str:
+    """The engine's rule for 'auto' (the fastest mode whose estimated peak fits the device), said before loading."""
+    try:
+        return engine.memory_mode(memory, device, None, trains, batch_size, resolution)
+    except ValueError as err:
+        raise ValueError(f"E4T Personalize: {err}") from None
 
 
 class E4TPersonalize:
@@ -77,7 +80,7 @@ class E4TPersonalize:
 
     def personalize(self, model, clip, vae, e4t, image, steps, batch_size, lr, reg_lambda, seed, trains, memory,
                     resolution, mask=None, unique_id=None):
-        memory = memory_mode(memory, model.load_device)
+        memory = memory_mode(memory, model.load_device, trains, batch_size, resolution)
         cfg = engine.TuneConfig(steps=steps, batch_size=batch_size, lr=lr, reg_lambda=reg_lambda, seed=seed,
                                 trains=trains, resolution=resolution, **engine.memory_settings(memory),
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")

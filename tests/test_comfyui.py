@@ -293,13 +293,15 @@ def test_an_empty_mask_is_refused_with_what_to_do(host):
 
 
 def test_auto_memory_mode_follows_the_device(host, monkeypatch):
-    import comfy.model_management as mm
     tune = pack_module("nodes.nodes_tune")
     for total_gib, want in ((24, "low_vram"), (45, "low_vram"), (80, "fast")):
-        monkeypatch.setattr(mm, "get_total_memory", lambda dev=None, torch_total_too=False, g=total_gib: g * 2**30)
+        monkeypatch.setattr(tune.engine.memory, "available_memory", lambda device, g=total_gib: g * 2**30)
         assert tune.memory_mode("auto", torch.device("cuda", 0)) == want
         assert tune.memory_mode("auto", torch.device("cpu")) == want
     assert tune.memory_mode("low_vram", torch.device("cpu")) == "low_vram"
+    monkeypatch.setattr(tune.engine.memory, "available_memory", lambda device: 4 * 2**30)
+    with pytest.raises(ValueError, match="E4T Personalize: this tune needs about .* GiB in low_vram mode.*Try"):
+        tune.memory_mode("auto", torch.device("cuda", 0))
 
 
 def test_out_of_memory_says_what_fits_and_changes_nothing(host, monkeypatch):

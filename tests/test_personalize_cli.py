@@ -97,9 +97,18 @@ def test_launcher_runs_the_command_line_from_another_folder(tmp_path):
     assert plain.returncode != 0 and "No module named e4t" in plain.stderr     # why the launcher exists
 
 
-def test_memory_mode_and_autocast_rules():
-    """The one rule the node and the command line use: auto -> fast on the CPU and on GPUs of 46 GiB or more."""
-    assert e4t.memory_mode("auto", "cpu", total_memory=24 * 2**30) == "low_vram"
-    assert e4t.memory_mode("auto", "cuda:0", total_memory=80 * 2**30) == "fast"
-    assert e4t.memory_mode("auto", "cuda:0", total_memory=24 * 2**30) == "low_vram"
+def test_memory_mode_picks_the_fastest_mode_that_fits():
+    """The one rule the node, the A1111 tab and the command line use (e4t.memory_mode), from the estimated peaks."""
+    fast, lean = e4t.tune_peak("fast"), e4t.tune_peak("low_vram")
+    assert lean < fast / 2
+    assert e4t.memory_mode("auto", "cpu", 80 * 2**30) == "fast"
+    assert e4t.memory_mode("auto", "cuda:0", int(fast * 1.2)) == "fast"
+    assert e4t.memory_mode("auto", "cuda:0", int(fast * 1.05)) == "low_vram"          # 10 % headroom
+    assert e4t.memory_mode("auto", "cuda:0", 24 * 2**30) == "low_vram"
     assert e4t.memory_mode("low_vram", "cpu") == "low_vram" and e4t.memory_mode("fast", "cuda:0") == "fast"
+    assert e4t.tune_peak("low_vram", "all", 4, 512) < lean and e4t.tune_peak("low_vram", "attention") < lean
+    with pytest.raises(e4t.validate.InputError, match="needs about .* GiB.*has 2.0 GiB.*Lower batch_size"):
+        e4t.memory_mode("auto", "cuda:0", 2 * 2**30)
+    small = int(e4t.tune_peak("low_vram", "all", 4, 512) * 1.15)
+    with pytest.raises(e4t.validate.InputError, match="Try batch_size 4"):
+        e4t.memory_mode("auto", "cuda:0", small)
