@@ -363,8 +363,8 @@ def _cache_key(unet, text_model, cfg, *settings):
 TUNE_PEAK_GIB = {
     ("fast", "all"): (16.0, 28.5),
     ("fast", "attention"): (9.2, 28.5),
-    ("low_vram", "all"): (7.5, 4.3),
-    ("low_vram", "attention"): (4.65, 4.2),
+    ("low_vram", "all"): (7.5, 3.9),
+    ("low_vram", "attention"): (4.65, 3.75),
 }
 HEADROOM = 1.1                         # the allocator's rounding and fragmentation, the host's own buffers
 

@@ -133,10 +133,13 @@ class E4TPersonalize:
         except engine.Diverged as err:
             raise engine.Diverged(f"E4T Personalize: {err}") from None
         except torch.cuda.OutOfMemoryError as err:     # re-raised as itself: ComfyUI still frees its models
+            peaks = {(m, t): engine.tune_peak(m, t, batch_size, resolution) / 2**30
+                     for m, t in (("fast", "all"), ("low_vram", "all"), ("low_vram", "attention"))}
             raise torch.cuda.OutOfMemoryError(
-                f"E4T Personalize ran out of GPU memory in {memory} mode; nothing was changed. Measured peaks of a "
-                "batch-16 tune: 44.6 GiB fast, 22.9 GiB low_vram, 15.1 GiB low_vram with trains: attention. Pick "
-                "those, or lower batch_size or resolution.") from err
+                f"E4T Personalize ran out of GPU memory in {memory} mode; nothing was changed. Estimated peaks of this "
+                f"tune (batch {batch_size}, {resolution} px): {peaks['fast', 'all']:.1f} GiB fast, "
+                f"{peaks['low_vram', 'all']:.1f} GiB low_vram, {peaks['low_vram', 'attention']:.1f} GiB low_vram with "
+                "trains: attention. Pick a mode that fits, or lower batch_size or resolution.") from err
         finally:
             if training:
                 comfy.model_management.in_training = False

@@ -317,7 +317,7 @@ def test_out_of_memory_says_what_fits_and_changes_nothing(host, monkeypatch):
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     e4t_obj = nodes.NODE_CLASS_MAPPINGS["E4TLoader"]().load("tiny-face/")[0]
     image, _ = nodes.NODE_CLASS_MAPPINGS["TestImage"]().make("x")
-    with pytest.raises(torch.cuda.OutOfMemoryError, match="in low_vram mode; nothing was changed.*trains: attention"):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="in fast mode; nothing was changed.*GiB low_vram with trains: attention"):
         nodes.NODE_CLASS_MAPPINGS["E4TPersonalize"]().personalize(
             model, clip, vae, e4t_obj, image, 1, 2, 1e-3, 1e-4, 0, "all", "auto", 64)
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
