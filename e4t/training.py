@@ -151,16 +151,20 @@ def parametrized(unet: nn.Module, weight, extra: dict, checkpointing: bool):
     """Run `unet` (a structural clone) with `weight(name)` for every parameter, `extra` ({name: tensor}) taking
     precedence. Each layer of the U-Net's blocks gets its tensors when it runs, inside its gradient checkpoint when
     `checkpointing` (then what a layer forms, W0 + D included, is recomputed in backward instead of kept)."""
-    names = [n for n, _ in unet.named_parameters()]
     blocks = _units(unet)
-    owned = {p: [n for n in names if n.startswith(p + ".")] for p in blocks}
-    outer = [n for n in names if not any(n.startswith(p + ".") for p in blocks)]
+    owned, outer = {p: [] for p in blocks}, []
+    for n, _ in unet.named_parameters():
+        parts = n.split(".")
+        unit = next((".".join(parts[:k]) for k in (2, 3) if ".".join(parts[:k]) in blocks), None)
+        (owned[unit] if unit else outer).append(n)
 
     def get(n):
         return extra[n] if n in extra else weight(n)
 
+    own = {prefix: block.__dict__.get("forward") for prefix, block in blocks.items()}   # per-instance patches
+
     def wrap(prefix, block):
-        forward = type(block).forward.__get__(block)
+        forward = own[prefix] or type(block).forward.__get__(block)
         local = [(n, n[len(prefix) + 1:]) for n in owned[prefix]]
 
         def run(*args, **kwargs):
@@ -176,8 +180,11 @@ def parametrized(unet: nn.Module, weight, extra: dict, checkpointing: bool):
         with substituted(unet, {n: get(n) for n in outer}):
             yield unet
     finally:
-        for block in blocks.values():
-            block.__dict__.pop("forward", None)
+        for prefix, block in blocks.items():
+            if own[prefix] is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = own[prefix]
 
 
 @dataclass
