@@ -359,12 +359,13 @@ def _cache_key(unet, text_model, cfg, *settings):
 
 # Peak GPU memory of a tune of full-size SD1.5 (fp16 weights, bf16 autocast, batch 16, 512 px) in GiB, estimated
 # with `estimate_tune_peak` (benchmarks/memory.py, BENCHMARKS.md): what does not grow with the batch (the host's
-# U-Net and text weights, trainable copies, optimizer state), and what grows with batch x pixels (activations).
+# U-Net and text weights, trainable copies, optimizer state, per-step temporaries), and what grows with
+# batch x pixels (activations), fitted to estimates at two batch sizes where both exist.
 TUNE_PEAK_GIB = {
     ("fast", "all"): (16.0, 28.5),
-    ("fast", "attention"): (9.2, 28.5),
-    ("low_vram", "all"): (7.5, 3.9),
-    ("low_vram", "attention"): (4.65, 3.75),
+    ("fast", "attention"): (8.9, 25.1),
+    ("low_vram", "all"): (9.5, 1.9),          # 11.38 GiB at batch 16, 9.96 at batch 4
+    ("low_vram", "attention"): (6.6, 1.8),    # 8.39 GiB at batch 16
 }
 HEADROOM = 1.1                         # the allocator's rounding and fragmentation, the host's own buffers
 
