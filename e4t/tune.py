@@ -107,6 +107,24 @@ def preset(name: str, **overrides) -> TuneConfig:
     return replace(TuneConfig(**PRESETS[name]), **overrides)
 
 
+def base_weights_notice(left_out: list) -> str | None:
+    """The one rule of both hosts for LoRAs (and any other weight patch) active when a tune starts: the tune
+    starts from the base checkpoint's own U-Net and CLIP weights, without them, and they stay where the user put
+    them (ComfyUI: on the MODEL E4T Personalize returns; A1111: in the prompt of the next generation).
+
+    Why: a concept stores the U-Net change against the base model it names by fingerprint, and is loaded on
+    that base with whatever LoRA the user picks then. Tuned on top of a LoRA it would depend on it without
+    recording it, and the tune's steps on one photo would partly train the LoRA's effect out again. Tuned on
+    the base, concept and LoRA compose at sampling.
+
+    left_out: what the tune leaves out, in the host's words (LoRA names, counts of patched weights). Returns the
+    line the host shows, or None when nothing was left out."""
+    if not left_out:
+        return None
+    return ("E4T tunes on the base checkpoint's own weights; left out of the tune (still applied when sampling): "
+            + ", ".join(map(str, left_out)))
+
+
 class Interrupted(Exception):
     """Raised when the host's stop flag is set; nothing was changed."""
 

@@ -175,10 +175,11 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
         state.sampling_step = step
         state.textinfo = f"E4T tune: step {step}/{total}, loss {loss:.4f}"
 
+    notices = []
     try:
         path, losses = tuning.tune(weights, image, mask, domain, name, cfg, overwrite=bool(overwrite),
                                    progress=progress, should_stop=lambda: state.interrupted,
-                                   auto_mask=auto_mask or "none")
+                                   auto_mask=auto_mask or "none", notice=notices.append)
     except e4t.Interrupted as err:
         return None, "", f"<p>{html.escape(str(err))}; no concept was saved.</p>"
     except e4t.Diverged as err:
@@ -191,7 +192,8 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
     store.file_hash(path, concept)                  # into the webui's hash cache now, not at first use
     return plot, "", (f"<p>Saved <b>{html.escape(concept)}</b> to {html.escape(path)} after {len(losses)} steps "
                       f"(last loss {losses[-1]:.4f}).</p><p>In txt2img/img2img: open <i>E4T</i>, refresh, pick it, "
-                      f"and write <code>{html.escape(_placeholder(path))}</code> in the prompt.</p>")
+                      f"and write <code>{html.escape(_placeholder(path))}</code> in the prompt.</p>"
+                      + "".join(f"<p>{html.escape(n)}.</p>" for n in notices))
 
 
 def _placeholder(path):

@@ -1,5 +1,7 @@
 """E4T Personalize: tune encoder heads, offsets and U-Net on one concept image (paper §3.4)."""
 import hashlib
+import logging
+import uuid
 
 import torch
 
@@ -14,13 +16,6 @@ from .model import E4T, image_sha256, image_to_engine, image_uint8
 from .prompt import PlaceholderPrompt
 from . import inputs
 from .refine import apply_e4t, base_fingerprint, domain_token, text_model
-
-
-def _n_layers(clip, tm):
-    idx = clip.layer_idx
-    if idx is None:
-        return None
-    return (len(tm.encoder.layers) + idx + 1) if idx < 0 else idx + 1
 
 
 def _send(event, data):
@@ -42,6 +37,16 @@ def _trainable(patcher, what):
                          "VRAM needs that to make a trainable copy. Load it with a core loader (Load Checkpoint), "
                          "or start ComfyUI with --disable-dynamic-vram.")
     return patcher.get_non_dynamic_delegate()
+
+
+def base_weights(patcher):
+    """(a clone of `patcher` without weight patches, the patched keys): the tune starts from the checkpoint's own
+    weights (`e4t.base_weights_notice` says why); the patches stay on the MODEL the node returns."""
+    if not patcher.patches:
+        return patcher, []
+    base = patcher.clone()
+    base.patches, base.patches_uuid = {}, uuid.uuid4()    # a new uuid: ComfyUI reloads the weights unpatched
+    return base, list(patcher.patches)
 
 
 def memory_mode(memory: str, device) -> str:
@@ -82,7 +87,12 @@ class E4TPersonalize:
                                 trains=trains, resolution=resolution, **engine.memory_settings(memory),
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
         image, engine_mask = inputs.tune_inputs(model, clip, e4t, image, mask, cfg)   # before any model is loaded
-        work, clip_work = _trainable(model, "MODEL"), _trainable(clip.patcher, "CLIP")
+        (work, unet_patches), (clip_work, clip_patches) = (base_weights(_trainable(model, "MODEL")),
+                                                           base_weights(_trainable(clip.patcher, "CLIP")))
+        left_out = engine.base_weights_notice([f"LoRA or other patches on {len(keys)} {what} weights" for what, keys
+                                               in (("MODEL", unet_patches), ("CLIP", clip_patches)) if keys])
+        if left_out:
+            logging.warning("%s", left_out)
         device = work.load_device
         features = e4t.features(image, device)
         e4t.release_vit()                 # the tune reads the cached features: 2.5 GB less on the GPU
@@ -91,7 +101,7 @@ class E4TPersonalize:
         tm = text_model(clip_work.model)
         placeholder = e4t.config.placeholder
 
-        encode_ids = engine.WordInjector(tm, _n_layers(clip, tm)).on_copies(device)
+        encode_ids = engine.WordInjector(tm, engine.clip_layers(len(tm.encoder.layers), clip.layer_idx)).on_copies(device)
         prompts = {}
 
         def text_encode(texts, words):
