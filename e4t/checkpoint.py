@@ -36,7 +36,7 @@ class DomainConfig:
     domain_word: str = "face"
     placeholder: str = "*s"
     scale: float = 0.1                 # s in w = e_domain + s E
-    reg_lambda: float = 0.1
+    reg_lambda: float = 0.01           # λ the encoder was PRE-trained with (PretrainConfig's): a record; tunes use TuneConfig's
     base: str = "sd1"
     backbone_id: str = STOCK_BACKBONE
     backbone_included: bool = True

@@ -193,10 +193,10 @@ class Objective:
     e_domain: torch.Tensor
     empty_context: torch.Tensor
     alphas_cumprod: torch.Tensor
-    scale: float = 0.1
-    prediction: str = "eps"
-    regularizer: str = "published"
-    reg_lambda: float = 1e-4
+    scale: float                 # these four from the caller's config (TuneConfig, PretrainConfig): no second default
+    prediction: str
+    regularizer: str
+    reg_lambda: float
     checkpointing: bool = False
     autocast_dtype: torch.dtype | None = None
 

@@ -42,7 +42,7 @@ class TuneConfig:
     steps: int = 15
     batch_size: int = 16
     lr: float = 1.6e-5
-    reg_lambda: float = 1e-4
+    reg_lambda: float = 1e-4             # the one tune default, shown by both hosts and the CLI (published; see DomainConfig)
     regularizer: str = "published"       # or "paper"
     trains: str = "all"                  # heads + offsets + whole U-Net; "attention": U-Net attention only
     augmentation: str = "published"      # one crop repeated; "varied": n_augmentations cached crops

@@ -75,7 +75,7 @@ def tab():
                     batch = gr.Slider(1, 32, value=16, step=1, label="Batch size", elem_id="e4t_batch")
                 with gr.Row():
                     lr = gr.Number(value=1.6e-5, label="Learning rate", elem_id="e4t_lr")
-                    reg = gr.Number(value=1e-4, label="λ (regularisation)", elem_id="e4t_lambda")
+                    reg = gr.Number(value=e4t.TuneConfig.reg_lambda, label="λ (regularisation)", elem_id="e4t_lambda")
                 memory = gr.Radio(MEMORY_MODES, value="auto", label="Memory mode", elem_id="e4t_memory",
                                   info="auto: fast where the GPU has 46 GiB, else low_vram (same recipe, a fraction of "
                                        "the memory, slower); custom: the three settings under Advanced")

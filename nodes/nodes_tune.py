@@ -54,6 +54,10 @@ def memory_mode(memory: str, device) -> str:
     return engine.memory_mode(memory, device, comfy.model_management.get_total_memory(device))
 
 
+LAMBDA_TOOLTIP = ("embedding regulariser λ of this tune (published 1e-4; paper, faces: 0.1). The E4T file's own "
+                  "reg_lambda is the λ its encoder was pre-trained with and is not used for tuning")
+
+
 class E4TPersonalize:
     @classmethod
     def INPUT_TYPES(cls):
@@ -63,8 +67,8 @@ class E4TPersonalize:
                 "steps": ("INT", {"default": 15, "min": 1, "max": 500, "tooltip": "paper: 15 for faces, 5 for cats/art"}),
                 "batch_size": ("INT", {"default": 16, "min": 1, "max": 64, "tooltip": "the paper: 16 or more is crucial"}),
                 "lr": ("FLOAT", {"default": 1.6e-5, "min": 0.0, "max": 1e-2, "step": 1e-7, "round": False}),
-                "reg_lambda": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 10.0, "step": 1e-5, "round": False,
-                                         "tooltip": "embedding regulariser λ (published 1e-4; paper face 0.1)"}),
+                "reg_lambda": ("FLOAT", {"default": engine.TuneConfig.reg_lambda, "min": 0.0, "max": 10.0, "step": 1e-5,
+                                         "round": False, "tooltip": LAMBDA_TOOLTIP}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
                 "trains": (["all", "attention"], {"tooltip": "heads + offsets + the whole U-Net, or its attention only"}),
                 "memory": (["auto", "fast", "low_vram"], {"default": "auto", "tooltip": "low_vram: the same recipe without fp32 copies: bf16 deltas on the model's frozen weights, recomputed activations, 8-bit Adam moments, the optimizer step inside backward; auto: fast where the device has 46 GiB or more, else low_vram"}),

@@ -285,6 +285,21 @@ def test_a_lora_before_the_tune_is_left_out_of_it_and_stays_for_sampling(host, m
     assert not torch.equal(results[0.0], results[1.0]), "the LoRA is not applied to the personalised MODEL"
 
 
+def test_the_tune_uses_the_nodes_lambda_whose_default_is_the_engines(host, monkeypatch):
+    """E4T Personalize shows TuneConfig's λ and tunes with what the node says, not the E4T file's (pre-training) λ."""
+    from e4t import TuneConfig
+    tune = pack_module("nodes.nodes_tune")
+    assert tune.E4TPersonalize.INPUT_TYPES()["required"]["reg_lambda"][1]["default"] == TuneConfig.reg_lambda
+    seen, engine_tune = [], tune.engine.tune
+
+    def recording(unet, *args, **kw):
+        seen.append(kw["cfg"].reg_lambda)
+        return engine_tune(unet, *args, **kw)
+    monkeypatch.setattr(tune.engine, "tune", recording)
+    host.run(graph(tune={"reg_lambda": 0.03, "steps": 1}, key="lambda"))
+    assert seen == [0.03]
+
+
 def test_text_without_placeholder_warns(host):
     import nodes
     clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
