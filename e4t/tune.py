@@ -179,11 +179,11 @@ def _trained_names(unet: nn.Module, trains: str):
     raise ValueError(f"unknown 'trains' {trains!r}: use 'all' or 'attention'")
 
 
-def tune(unet: nn.Module, *args, clone_norm_inputs: bool = False, **kwargs) -> "TuneResult":
+def tune(unet: nn.Module, *args, clone_norm_inputs: bool | None = None, **kwargs) -> "TuneResult":
     """Tune on one image; see `_tune`. Runs with autograd on even when the host is in inference mode, on a
     structural clone of `unet`.
 
-    clone_norm_inputs: see `training_mode`.
+    clone_norm_inputs: see `training_mode` (None: found by probing the U-Net).
     """
     work = structural_clone(unet)
     with training_mode(work, clone_norm_inputs):

@@ -11,7 +11,6 @@ import comfy.utils
 
 from .. import e4t as engine
 from ..e4t import line_plot
-from ..e4t_standalone.comfy_models import in_place_residuals
 from .model import E4T, image_sha256, image_to_engine, image_uint8
 from .prompt import PlaceholderPrompt
 from . import inputs
@@ -137,8 +136,7 @@ class E4TPersonalize:
                 empty_context=empty, alphas_cumprod=engine.alphas_cumprod_of(sampling),
                 scale=e4t.config.scale, placeholder=placeholder, cfg=cfg, mask=engine_mask, features=features,
                 progress=progress, should_stop=comfy.model_management.processing_interrupted,
-                precision=engine.training_precision(device, half=unet.dtype != torch.float32),
-                clone_norm_inputs=in_place_residuals())
+                precision=engine.training_precision(device, half=unet.dtype != torch.float32))
         except engine.Interrupted:
             raise comfy.model_management.InterruptProcessingException()
         except engine.Diverged as err:

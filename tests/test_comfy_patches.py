@@ -118,3 +118,28 @@ def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     alone = rebuilt.calculate_weight(w, KEY, 0.8, 1.0, None, lambda a: a, dtype)
     assert torch.equal(w, keep), "the adapter wrote into the weight it was given"
     torch.testing.assert_close(alone.float(), keep.float() * (1 + 0.8 * d), rtol=2e-2, atol=2e-3)
+
+
+def test_in_place_residuals_are_found_by_running_the_hosts_block(host):
+    """`e4t.training.residuals_in_place` answers from behaviour (neither source text nor version): autograd refuses a
+    backward through this ComfyUI's own transformer block exactly when the probe says its residuals are in place,
+    and the LayerNorm copies `training_mode` then adds make that backward work."""
+    import copy
+    from e4t.training import residuals_in_place, training_mode
+    unet = tiny_model().model.diffusion_model
+    block = copy.deepcopy(next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")).float()
+    dim, ctx_dim = block.norm1.normalized_shape[0], block.attn2.to_k.in_features
+
+    def backward():
+        x = torch.randn(1, 4, dim, requires_grad=True)
+        block(x * 1, torch.randn(1, 3, ctx_dim)).sum().backward()
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            backward()
+            refused = False
+        except RuntimeError as err:
+            assert "inplace" in str(err)
+            refused = True
+    assert residuals_in_place(unet) == refused
+    with training_mode(block):                   # None: the probe decides, and the copies make it work
+        backward()
