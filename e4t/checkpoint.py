@@ -11,6 +11,7 @@ JSON metadata under the key `e4t` (see `DomainConfig`). Written atomically, fp16
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -74,8 +75,28 @@ def load_pickled_state_dict(path: str) -> dict:
     return read_pickle(path, PUBLISHED_FIX)
 
 
-def infer_encoder_config(sd: dict, prefix: str = "", head_width: int = 80) -> EncoderConfig:
-    """Sizes from the tensors themselves; heads assume ViT-H's head width of 80 unless metadata says otherwise."""
+# open_clip's ViTs: head width 64 but for these families (model_configs/*.json `head_width`), and heads by width
+HEAD_WIDTH = {"H": 80, "g": 88, "bigG": 104, "e": 112}
+VIT_HEADS = {384: 6, 512: 8, 768: 12, 896: 14, 1024: 16, 1280: 16, 1408: 16, 1664: 16, 1792: 16}
+
+
+def vit_heads(width: int, backbone_id: str = STOCK_BACKBONE) -> int:
+    """Attention heads of an open_clip ViT of this width: from the family its name gives (`ViT-H-14/...`, the
+    published config's `clip_model_name_or_path`; the stock ViT-H when the folder does not say), else from the
+    widths of open_clip's ViTs. The tensors hold no head count, and a wrong one gives wrong tokens silently."""
+    family = re.search(r"ViT-(bigG|[SMBLHge])-", backbone_id or "")
+    if family and width % HEAD_WIDTH.get(family[1], 64) == 0:
+        return width // HEAD_WIDTH.get(family[1], 64)
+    if width in VIT_HEADS:
+        return VIT_HEADS[width]
+    raise E4TFileError(f"encoder: a ViT of width {width} is not one of open_clip's ViTs "
+                       f"({', '.join(map(str, VIT_HEADS))}) and its backbone {backbone_id!r} names no ViT family whose "
+                       f"head width divides it: set clip_model_name_or_path in config.json to the open_clip model "
+                       f"(e.g. ViT-H-14::laion2b_s32b_b79k)")
+
+
+def infer_encoder_config(sd: dict, prefix: str = "", backbone_id: str = STOCK_BACKBONE) -> EncoderConfig:
+    """Sizes from the tensors themselves; the head count from the backbone's name (`vit_heads`)."""
     def get(key):
         if prefix + key not in sd:
             raise E4TFileError(f"encoder: missing key {key!r}: is this an E4T encoder file?")
@@ -84,7 +105,7 @@ def infer_encoder_config(sd: dict, prefix: str = "", head_width: int = 80) -> En
     width, patch = conv.shape[0], conv.shape[-1]
     grid = int(round((get("clip_vision.positional_embedding").shape[0] - 1) ** 0.5))
     layers = len({k.split(".")[3] for k in sd if k.startswith(prefix + "clip_vision.transformer.resblocks.")})
-    return EncoderConfig(vit_width=width, vit_layers=layers, vit_heads=max(1, width // head_width), vit_patch=patch,
+    return EncoderConfig(vit_width=width, vit_layers=layers, vit_heads=vit_heads(width, backbone_id), vit_patch=patch,
                          image_size=grid * patch, unet_dim=get("unet_feature_embedder.0.weight").shape[1],
                          word_dim=get("final_linear.weight").shape[0])
 
@@ -193,7 +214,7 @@ def load_published(folder: str) -> E4TWeights:
         raise E4TFileError(f"{folder}: no encoder.pt; an E4T folder holds encoder.pt, weight_offsets.pt "
                            f"(or unet.pt) and config.json")
     enc_sd = load_pickled_state_dict(enc_path)
-    enc_cfg = infer_encoder_config(enc_sd)
+    enc_cfg = infer_encoder_config(enc_sd, backbone_id=cfg.backbone_id)
     cfg.encoder = asdict(enc_cfg)
     encoder = build_encoder(enc_cfg, enc_sd)
     extra = {}
