@@ -2,7 +2,7 @@
 
 Published folder (mkshing/e4t-diffusion): `config.json`, `encoder.pt` (heads + ViT under
 `clip_vision.*`), `weight_offsets.pt` or a tuned `unet.pt` (whose `wo_*` entries are the offsets),
-optional `text_encoder.pt`. Pickles are read with `torch.load(weights_only=True)`, which cannot run code.
+optional `text_encoder.pt` (not read: E4T applies to the host's CLIP). Pickles are read with `torch.load(weights_only=True)`, which cannot run code.
 
 Our format: one `.safetensors` file; tensors `encoder.<published key>`, `offsets.<published key>`,
 for a personalised concept also `unet_delta.<CompVis key>`, `concept.tokens`, `concept.image`;
@@ -59,7 +59,6 @@ class E4TWeights:
     unet_delta: dict = field(default_factory=dict)     # CompVis names -> W_tuned - W0
     concept_tokens: torch.Tensor | None = None         # cached ViT tokens of the concept image
     concept_image: torch.Tensor | None = None          # (H, W, 3) uint8
-    extra: dict = field(default_factory=dict)          # published extras kept as read (unet.pt base weights, text encoder)
     packed: dict | None = None                         # a concept's file tensors (compressed deltas; see concept.py)
     heads_sha256: str = ""                             # cache of concept.source_sha256
 
@@ -217,22 +216,21 @@ def load_published(folder: str) -> E4TWeights:
     enc_cfg = infer_encoder_config(enc_sd, backbone_id=cfg.backbone_id)
     cfg.encoder = asdict(enc_cfg)
     encoder = build_encoder(enc_cfg, enc_sd)
-    extra = {}
     if os.path.exists(os.path.join(folder, "weight_offsets.pt")):
         off_sd = load_pickled_state_dict(os.path.join(folder, "weight_offsets.pt"))
     elif os.path.exists(os.path.join(folder, "unet.pt")):
         unet_sd = load_pickled_state_dict(os.path.join(folder, "unet.pt"))
         off_sd = {k: v for k, v in unet_sd.items() if ".wo_" in k}
-        extra["unet_diffusers"] = {k: v for k, v in unet_sd.items() if ".wo_" not in k}
         warnings.warn(f"{folder}/unet.pt: its offsets are used; its tuned U-Net weights (diffusers layout, "
-                      f"{len(extra['unet_diffusers'])} tensors) are not applied: re-tune the concept with this "
+                      f"{len(unet_sd) - len(off_sd)} tensors) are not applied: re-tune the concept with this "
                       f"extension to get a concept file with its U-Net changes")
+        del unet_sd
     else:
         raise E4TFileError(f"{folder}: neither weight_offsets.pt nor unet.pt found")
-    if os.path.exists(os.path.join(folder, "text_encoder.pt")):
-        extra["text_encoder"] = load_pickled_state_dict(os.path.join(folder, "text_encoder.pt"))
+    if os.path.exists(os.path.join(folder, "text_encoder.pt")):      # not read: nothing here uses a tuned CLIP
+        warnings.warn(f"{folder}/text_encoder.pt is not used: E4T applies to the CLIP of your checkpoint")
     offsets = from_published(off_sd).requires_grad_(False).eval()
-    return E4TWeights(config=cfg, encoder=encoder, offsets=offsets, extra=extra)
+    return E4TWeights(config=cfg, encoder=encoder, offsets=offsets)
 
 
 # --- our format -----------------------------------------------------------------------------------

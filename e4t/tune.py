@@ -26,14 +26,11 @@ from .optim import CompactAdamW
 from .precision import Precision, training_precision
 from .training import Objective, UNetWeights, structural_clone, training_mode
 
-TEMPLATES = {
+TEMPLATES = {                            # "published": the tune's prompts; "normal": pre-training's
     "published": ("a photo of {}",),
     "normal": ("a photo of {}", "a picture of {}", "an image of {}", "a close-up photo of {}",
                "a cropped photo of {}", "a good photo of {}", "a bright photo of {}", "a clean photo of {}",
                "a rendition of {}", "a nice photo of {}"),
-    "face": ("a portrait of {}", "a headshot of {}", "a photo of {}'s face", "a close-up portrait of {}",
-             "a studio portrait of {}", "a face photo of {}", "a photo of {}"),
-    "art": ("a painting by {}", "an artwork by {}", "art in the style of {}", "a picture by {}"),
 }
 
 
