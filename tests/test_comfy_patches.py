@@ -143,3 +143,23 @@ def test_in_place_residuals_are_found_by_running_the_hosts_block(host):
     assert residuals_in_place(unet) == refused
     with training_mode(block):                   # None: the probe decides, and the copies make it work
         backward()
+
+
+def test_e4t_object_reads_without_side_effects_and_refuses_a_second_backbone(host, tmp_path):
+    """`E4T.deltas()` leaves the loaded offsets' dtype alone; a CLIP_VISION that differs from the backbone in use is
+    refused with what to do (before: silently ignored), an identical one is accepted."""
+    import e4t
+    from tiny_models import write_published
+    E4T = pack_module("nodes.model").E4T
+    write_published(tmp_path / "pub")
+    weights = e4t.load(str(tmp_path / "pub"))
+    weights.offsets.half()
+    obj = E4T(weights, "tiny")
+    deltas = obj.deltas()
+    assert all(p.dtype == torch.float16 for p in weights.offsets.parameters())
+    assert all(d.dtype == torch.float32 for d in deltas.values())
+    same = {k: v.clone() for k, v in weights.encoder.state_dict().items()}
+    obj.use_stock_backbone(same)
+    other = {k: v + (0.5 if k.endswith("conv1.weight") else 0) for k, v in same.items()}
+    with pytest.raises(pack_module("e4t.files").E4TFileError, match="disconnect CLIP_VISION"):
+        obj.use_stock_backbone(other)
