@@ -48,6 +48,63 @@ def base_weights(patcher):
     return base, list(patcher.patches)
 
 
+def _tune_copies(model, clip):
+    """The MODEL and CLIP patchers the tune loads: trainable under dynamic VRAM, without LoRAs (`base_weights`)."""
+    (work, unet_patches), (clip_work, clip_patches) = (base_weights(_trainable(model, "MODEL")),
+                                                       base_weights(_trainable(clip.patcher, "CLIP")))
+    left_out = engine.base_weights_notice([f"LoRA or other patches on {len(keys)} {what} weights" for what, keys
+                                           in (("MODEL", unet_patches), ("CLIP", clip_patches)) if keys])
+    if left_out:
+        logging.warning("%s", left_out)
+    return work, clip_work
+
+
+def _text_encoder(clip, tm, placeholder, device):
+    """(text_encode(texts, words) for the tune, the empty prompt's context): the word at the placeholder, through the
+    text model `tm` run on copies of its weights, with this CLIP's tokenizer and CLIP skip."""
+    encode_ids = engine.WordInjector(tm, engine.clip_layers(len(tm.encoder.layers), clip.layer_idx)).on_copies(device)
+    prompts = {}
+
+    def text_encode(texts, words):
+        ids, pos = zip(*(prompts.setdefault(t, PlaceholderPrompt(clip, t, placeholder)).first_chunk() for t in texts))
+        return encode_ids(torch.stack(ids).to(device), words, torch.tensor(pos, device=device))
+
+    with torch.no_grad():
+        empty_ids, _ = PlaceholderPrompt(clip, "", placeholder).first_chunk()
+        empty = encode_ids(empty_ids[None].to(device), None, torch.zeros(1, dtype=torch.long, device=device))
+    return text_encode, empty
+
+
+def _vae_encoder(work, vae, seed, device):
+    """vae_encode(images in [-1, 1]) for the tune: the host's VAE, latents in the U-Net's space, seeded."""
+    def vae_encode(images):
+        with torch.inference_mode(), engine.seeded(seed, device):      # older hosts sample the posterior
+            z = work.model.process_latent_in(vae.encode(((images + 1) / 2).movedim(1, -1)))
+        return z.clone()
+    return vae_encode
+
+
+def _progress(steps, unique_id):
+    """progress(step, total, loss): ComfyUI's progress bar and the tune node's loss display (web/e4t.js)."""
+    pbar = comfy.utils.ProgressBar(steps)
+
+    def progress(step, total, loss):
+        pbar.update_absolute(step, total)
+        _send("e4t.tune", {"node": unique_id, "step": step, "total": total, "loss": loss})
+    return progress
+
+
+def _concept(model, e4t, image, features, result, cfg, masked):
+    """The tuned E4T: the engine's concept record with this host's metadata."""
+    metadata = engine.concept_metadata(
+        host="comfyui", source=e4t.name, source_sha256=engine.source_sha256(e4t.weights),
+        image_sha256=image_sha256(image), base_fingerprint=base_fingerprint(model), tune=cfg, losses=result.losses,
+        mask="node" if masked else None)
+    return E4T(engine.make_concept(e4t.weights, result, tokens=features.tokens, image=image_uint8(image),
+                                   metadata=metadata),
+               f"{e4t.name} + {hashlib.sha256(metadata['image_sha256'].encode()).hexdigest()[:8]}")
+
+
 def memory_mode(memory: str, device) -> str:
     """The engine's rule for 'auto', with the device's memory (RAM for the CPU) as ComfyUI counts it."""
     return engine.memory_mode(memory, device, comfy.model_management.get_total_memory(device))
@@ -90,41 +147,17 @@ class E4TPersonalize:
                                 trains=trains, resolution=resolution, **engine.memory_settings(memory),
                                 prediction="v" if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps")
         image, engine_mask = inputs.tune_inputs(model, clip, e4t, image, mask, cfg)   # before any model is loaded
-        (work, unet_patches), (clip_work, clip_patches) = (base_weights(_trainable(model, "MODEL")),
-                                                           base_weights(_trainable(clip.patcher, "CLIP")))
-        left_out = engine.base_weights_notice([f"LoRA or other patches on {len(keys)} {what} weights" for what, keys
-                                               in (("MODEL", unet_patches), ("CLIP", clip_patches)) if keys])
-        if left_out:
-            logging.warning("%s", left_out)
+        work, clip_work = _tune_copies(model, clip)
         device = work.load_device
         features = e4t.features(image, device)
         e4t.release_vit()                 # the tune reads the cached features: 2.5 GB less on the GPU
         comfy.model_management.load_models_gpu([work, clip_work])
         unet = work.model.diffusion_model
         tm = text_model(clip_work.model)
-        placeholder = e4t.config.placeholder
-
-        encode_ids = engine.WordInjector(tm, engine.clip_layers(len(tm.encoder.layers), clip.layer_idx)).on_copies(device)
-        prompts = {}
-
-        def text_encode(texts, words):
-            ids, pos = zip(*(prompts.setdefault(t, PlaceholderPrompt(clip, t, placeholder)).first_chunk() for t in texts))
-            return encode_ids(torch.stack(ids).to(device), words, torch.tensor(pos, device=device))
-
-        def vae_encode(images):
-            with torch.inference_mode(), engine.seeded(seed, device):      # older hosts sample the posterior
-                z = work.model.process_latent_in(vae.encode(((images + 1) / 2).movedim(1, -1)))
-            return z.clone()
-
-        with torch.no_grad():
-            empty_ids, _ = PlaceholderPrompt(clip, "", placeholder).first_chunk()
-            empty = encode_ids(empty_ids[None].to(device), None, torch.zeros(1, dtype=torch.long, device=device))
+        text_encode, empty = _text_encoder(clip, tm, e4t.config.placeholder, device)
+        vae_encode = _vae_encoder(work, vae, seed, device)
         sampling = work.model.model_sampling
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def progress(step, total, loss):
-            pbar.update_absolute(step, total)
-            _send("e4t.tune", {"node": unique_id, "step": step, "total": total, "loss": loss})
+        progress = _progress(steps, unique_id)
 
         training = hasattr(comfy.model_management, "in_training")      # newer ComfyUI: ops take autograd-safe paths
         if training:
@@ -134,7 +167,7 @@ class E4TPersonalize:
                 unet, e4t.weights.encoder, e4t.weights.offsets, image_to_engine(image).to(device), text_encode=text_encode,
                 vae_encode=vae_encode, e_domain=tm.embeddings.token_embedding.weight[domain_token(clip, e4t.config.domain_word)],
                 empty_context=empty, alphas_cumprod=engine.alphas_cumprod_of(sampling),
-                scale=e4t.config.scale, placeholder=placeholder, cfg=cfg, mask=engine_mask, features=features,
+                scale=e4t.config.scale, placeholder=e4t.config.placeholder, cfg=cfg, mask=engine_mask, features=features,
                 progress=progress, should_stop=comfy.model_management.processing_interrupted,
                 precision=engine.training_precision(device, half=unet.dtype != torch.float32))
         except engine.Interrupted:
@@ -150,12 +183,6 @@ class E4TPersonalize:
             if training:
                 comfy.model_management.in_training = False
 
-        metadata = engine.concept_metadata(
-            host="comfyui", source=e4t.name, source_sha256=engine.source_sha256(e4t.weights),
-            image_sha256=image_sha256(image), base_fingerprint=base_fingerprint(model), tune=cfg, losses=result.losses,
-            mask=None if engine_mask is None else "node")
-        tuned = E4T(engine.make_concept(e4t.weights, result, tokens=features.tokens, image=image_uint8(image),
-                                        metadata=metadata),
-                    f"{e4t.name} + {hashlib.sha256(metadata['image_sha256'].encode()).hexdigest()[:8]}")
+        tuned = _concept(model, e4t, image, features, result, cfg, engine_mask is not None)
         plot = line_plot(range(1, len(result.losses) + 1), result.losses, "E4T tuning loss", "step", "loss")
         return (apply_e4t(model, clip, tuned, None, 1.0, 0), tuned, plot[None])   # the saved tokens, as a reload uses
