@@ -278,7 +278,7 @@ def test_a_lora_before_the_tune_is_left_out_of_it_and_stays_for_sampling(host, m
         with caplog.at_level("WARNING"):
             host.run(g)
         results[strength] = CAPTURED[f"lora_{strength}"]
-    base = sd[key].float()
+    base = pack_module("nodes.patches").unpatched(model, key, model.model_state_dict()).float()   # the checkpoint's
     assert len(seen) == 2 and all(torch.equal(w, base) for w in seen), "the tune saw LoRA-patched weights"
     assert lora.abs().max() > 0.1
     assert "left out of the tune" in caplog.text and "MODEL weights" in caplog.text
