@@ -12,7 +12,9 @@ Public API (hosts use only these names):
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
     predict_embedding, Refinement, unet_features                  -- per-step refinement
     encode_with_word, WordInjector, domain_embedding, MARKERS     -- placeholder injection in CLIP text
+    clip_layers                                                   -- CLIP skip -> layers to run, for both hosts
     tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted, Diverged,
+    base_weights_notice                                           -- LoRAs active at a tune: left out (why: its docstring)
     augment, memory_settings, CompactAdamW                        -- one-image tuning (memory modes; compact AdamW)
     Precision, training_precision                                 -- the tune's precision policy per device
     pretrain, PretrainConfig, image_files, load_image, ddim       -- domain pre-training, sample images
@@ -39,8 +41,9 @@ from .seeding import seeded
 from . import validate
 from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
 from .precision import Precision, training_precision
+from .clip_skip import clip_layers
 from .memory import available_memory, memory_mode, tune_peak
-from .tune import MEMORY_MODES, PRESETS, Diverged, Interrupted, TuneConfig, TuneResult, augment, memory_settings, preset, tune
+from .tune import MEMORY_MODES, PRESETS, Diverged, base_weights_notice, Interrupted, TuneConfig, TuneResult, augment, memory_settings, preset, tune
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "make_concept", "concept_metadata",
            "source_sha256", "check_base", "Compression", "read_header",
@@ -49,4 +52,4 @@ __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileErro
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_mode", "memory_settings", "tune_peak", "available_memory", "MEMORY_MODES", "base_fingerprint", "CompactAdamW",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
-           "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of", "seeded", "validate"]
+           "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of", "seeded", "validate", "clip_layers", "base_weights_notice"]

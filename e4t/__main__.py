@@ -4,6 +4,8 @@ import os
 import sys
 
 from .checkpoint import DTYPES, E4TFileError, convert
+from .pretrain import PretrainConfig
+from .tune import TuneConfig
 
 
 def main(argv=None):
@@ -26,7 +28,8 @@ def main(argv=None):
     per.add_argument("--batch", type=int, help="tuning batch (default 16: the paper finds 16 or more crucial; 4 with "
                                                "--tiny)")
     per.add_argument("--lr", type=float, default=1.6e-5)
-    per.add_argument("--reg-lambda", type=float, default=1e-4, help="embedding regulariser (published 1e-4)")
+    per.add_argument("--reg-lambda", type=float, default=TuneConfig.reg_lambda,
+                     help="embedding regulariser of the tune (published 1e-4; the E4T file's is its pre-training λ)")
     per.add_argument("--trains", choices=["all", "attention"], default="all")
     per.add_argument("--memory", choices=["auto", "fast", "low_vram"], default="auto",
                      help="low_vram: checkpointing, micro-batches of 4, bf16 Adam moments; auto: fast on the CPU and "
@@ -80,7 +83,7 @@ def main(argv=None):
     pre.add_argument("--batch", type=int, default=16, help="per process")
     pre.add_argument("--base-lr", type=float, default=1e-6, help="scaled by batch x processes unless --no-scale-lr")
     pre.add_argument("--no-scale-lr", action="store_true")
-    pre.add_argument("--reg-lambda", type=float, default=0.01)
+    pre.add_argument("--reg-lambda", type=float, default=PretrainConfig.reg_lambda)
     pre.add_argument("--resolution", type=int, default=512)
     pre.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], default="bf16")
     pre.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory)")

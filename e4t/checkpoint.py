@@ -2,7 +2,7 @@
 
 Published folder (mkshing/e4t-diffusion): `config.json`, `encoder.pt` (heads + ViT under
 `clip_vision.*`), `weight_offsets.pt` or a tuned `unet.pt` (whose `wo_*` entries are the offsets),
-optional `text_encoder.pt`. Pickles are read with `torch.load(weights_only=True)`, which cannot run code.
+optional `text_encoder.pt` (not read: E4T applies to the host's CLIP). Pickles are read with `torch.load(weights_only=True)`, which cannot run code.
 
 Our format: one `.safetensors` file; tensors `encoder.<published key>`, `offsets.<published key>`,
 for a personalised concept also `unet_delta.<CompVis key>`, `concept.tokens`, `concept.image`;
@@ -11,6 +11,7 @@ JSON metadata under the key `e4t` (see `DomainConfig`). Written atomically, fp16
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +37,7 @@ class DomainConfig:
     domain_word: str = "face"
     placeholder: str = "*s"
     scale: float = 0.1                 # s in w = e_domain + s E
-    reg_lambda: float = 0.1
+    reg_lambda: float = 0.01           # λ the encoder was PRE-trained with (PretrainConfig's): a record; tunes use TuneConfig's
     base: str = "sd1"
     backbone_id: str = STOCK_BACKBONE
     backbone_included: bool = True
@@ -58,7 +59,6 @@ class E4TWeights:
     unet_delta: dict = field(default_factory=dict)     # CompVis names -> W_tuned - W0
     concept_tokens: torch.Tensor | None = None         # cached ViT tokens of the concept image
     concept_image: torch.Tensor | None = None          # (H, W, 3) uint8
-    extra: dict = field(default_factory=dict)          # published extras kept as read (unet.pt base weights, text encoder)
     packed: dict | None = None                         # a concept's file tensors (compressed deltas; see concept.py)
     heads_sha256: str = ""                             # cache of concept.source_sha256
 
@@ -74,8 +74,28 @@ def load_pickled_state_dict(path: str) -> dict:
     return read_pickle(path, PUBLISHED_FIX)
 
 
-def infer_encoder_config(sd: dict, prefix: str = "", head_width: int = 80) -> EncoderConfig:
-    """Sizes from the tensors themselves; heads assume ViT-H's head width of 80 unless metadata says otherwise."""
+# open_clip's ViTs: head width 64 but for these families (model_configs/*.json `head_width`), and heads by width
+HEAD_WIDTH = {"H": 80, "g": 88, "bigG": 104, "e": 112}
+VIT_HEADS = {384: 6, 512: 8, 768: 12, 896: 14, 1024: 16, 1280: 16, 1408: 16, 1664: 16, 1792: 16}
+
+
+def vit_heads(width: int, backbone_id: str = STOCK_BACKBONE) -> int:
+    """Attention heads of an open_clip ViT of this width: from the family its name gives (`ViT-H-14/...`, the
+    published config's `clip_model_name_or_path`; the stock ViT-H when the folder does not say), else from the
+    widths of open_clip's ViTs. The tensors hold no head count, and a wrong one gives wrong tokens silently."""
+    family = re.search(r"ViT-(bigG|[SMBLHge])-", backbone_id or "")
+    if family and width % HEAD_WIDTH.get(family[1], 64) == 0:
+        return width // HEAD_WIDTH.get(family[1], 64)
+    if width in VIT_HEADS:
+        return VIT_HEADS[width]
+    raise E4TFileError(f"encoder: a ViT of width {width} is not one of open_clip's ViTs "
+                       f"({', '.join(map(str, VIT_HEADS))}) and its backbone {backbone_id!r} names no ViT family whose "
+                       f"head width divides it: set clip_model_name_or_path in config.json to the open_clip model "
+                       f"(e.g. ViT-H-14::laion2b_s32b_b79k)")
+
+
+def infer_encoder_config(sd: dict, prefix: str = "", backbone_id: str = STOCK_BACKBONE) -> EncoderConfig:
+    """Sizes from the tensors themselves; the head count from the backbone's name (`vit_heads`)."""
     def get(key):
         if prefix + key not in sd:
             raise E4TFileError(f"encoder: missing key {key!r}: is this an E4T encoder file?")
@@ -84,7 +104,7 @@ def infer_encoder_config(sd: dict, prefix: str = "", head_width: int = 80) -> En
     width, patch = conv.shape[0], conv.shape[-1]
     grid = int(round((get("clip_vision.positional_embedding").shape[0] - 1) ** 0.5))
     layers = len({k.split(".")[3] for k in sd if k.startswith(prefix + "clip_vision.transformer.resblocks.")})
-    return EncoderConfig(vit_width=width, vit_layers=layers, vit_heads=max(1, width // head_width), vit_patch=patch,
+    return EncoderConfig(vit_width=width, vit_layers=layers, vit_heads=vit_heads(width, backbone_id), vit_patch=patch,
                          image_size=grid * patch, unet_dim=get("unet_feature_embedder.0.weight").shape[1],
                          word_dim=get("final_linear.weight").shape[0])
 
@@ -193,25 +213,24 @@ def load_published(folder: str) -> E4TWeights:
         raise E4TFileError(f"{folder}: no encoder.pt; an E4T folder holds encoder.pt, weight_offsets.pt "
                            f"(or unet.pt) and config.json")
     enc_sd = load_pickled_state_dict(enc_path)
-    enc_cfg = infer_encoder_config(enc_sd)
+    enc_cfg = infer_encoder_config(enc_sd, backbone_id=cfg.backbone_id)
     cfg.encoder = asdict(enc_cfg)
     encoder = build_encoder(enc_cfg, enc_sd)
-    extra = {}
     if os.path.exists(os.path.join(folder, "weight_offsets.pt")):
         off_sd = load_pickled_state_dict(os.path.join(folder, "weight_offsets.pt"))
     elif os.path.exists(os.path.join(folder, "unet.pt")):
         unet_sd = load_pickled_state_dict(os.path.join(folder, "unet.pt"))
         off_sd = {k: v for k, v in unet_sd.items() if ".wo_" in k}
-        extra["unet_diffusers"] = {k: v for k, v in unet_sd.items() if ".wo_" not in k}
         warnings.warn(f"{folder}/unet.pt: its offsets are used; its tuned U-Net weights (diffusers layout, "
-                      f"{len(extra['unet_diffusers'])} tensors) are not applied: re-tune the concept with this "
+                      f"{len(unet_sd) - len(off_sd)} tensors) are not applied: re-tune the concept with this "
                       f"extension to get a concept file with its U-Net changes")
+        del unet_sd
     else:
         raise E4TFileError(f"{folder}: neither weight_offsets.pt nor unet.pt found")
-    if os.path.exists(os.path.join(folder, "text_encoder.pt")):
-        extra["text_encoder"] = load_pickled_state_dict(os.path.join(folder, "text_encoder.pt"))
+    if os.path.exists(os.path.join(folder, "text_encoder.pt")):      # not read: nothing here uses a tuned CLIP
+        warnings.warn(f"{folder}/text_encoder.pt is not used: E4T applies to the CLIP of your checkpoint")
     offsets = from_published(off_sd).requires_grad_(False).eval()
-    return E4TWeights(config=cfg, encoder=encoder, offsets=offsets, extra=extra)
+    return E4TWeights(config=cfg, encoder=encoder, offsets=offsets)
 
 
 # --- our format -----------------------------------------------------------------------------------

@@ -255,10 +255,10 @@ def _optimizer_labels(live: LiveBytes):
                 live.add(p, "trainable")
                 if p.grad is not None:
                     live.add(p.grad, "gradients")
-        for state in opt.state.values():
-            for t in tree_flatten(state)[0]:
-                if isinstance(t, torch.Tensor) and t.dim() > 0:
-                    live.add(t, "optimizer")
+        states = [t for state in opt.state.values() for t in tree_flatten(state)[0]]
+        for t in states + getattr(opt, "state_tensors", list)():          # CompactAdamW keeps flat buckets
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                live.add(t, "optimizer")
         live.label_unlabelled("kept")
     handles = [register_optimizer_step_pre_hook(label), register_optimizer_step_post_hook(label)]
     try:
@@ -270,7 +270,7 @@ def _optimizer_labels(live: LiveBytes):
 
 def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dtype=torch.float16,
                        autocast_dtype=torch.bfloat16, resident_bytes: int = 0, steps: int = 2,
-                       clone_norm_inputs: bool = False) -> MemoryEstimate:
+                       clone_norm_inputs: bool | None = None) -> MemoryEstimate:
     """Peak device memory of `tune(unet, ..., cfg=cfg)` with the U-Net and text encoder held on the device in
     `weight_dtype`, the E4T weights on the CPU (heads and offsets are copied to the device by the tune),
     the concept image's features cached, and `autocast_dtype` autocast (None: fp32 training).
@@ -297,6 +297,9 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
     if key in _CACHE:
         return replace(_CACHE[key], seconds=0.0)
     t0 = time.perf_counter()
+    if clone_norm_inputs is None:
+        from .training import residuals_in_place
+        clone_norm_inputs = residuals_in_place(unet)
     mode = fake_mode_of(unet) or fake_mode_of(text_model) or FakeTensorMode(allow_non_fake_inputs=True)
     fake_unet = fake_copy(unet, mode, weight_dtype)
     fake_text = fake_copy(text_model, mode, weight_dtype)

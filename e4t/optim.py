@@ -263,13 +263,13 @@ class CompactAdamW(torch.optim.Optimizer):
         start = sum(bucket.sizes[:bucket.params.index(p)])
         return tuple(x[start:start + p.numel()].view_as(p) for x in bucket.moments())
 
+    def state_tensors(self) -> list:
+        """The tensors of optimizer state held (moments and their scales)."""
+        return [t for b in self._buckets
+                for t in ([b.v.codes, b.v.scale, b.r.codes, b.r.scale] if b.states == "8bit" else [b.flat])]
+
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held (moments and their scales)."""
-        total = 0
-        for b in self._buckets:
-            held = [b.v.codes, b.v.scale, b.r.codes, b.r.scale] if b.states == "8bit" else [b.flat]
-            total += sum(t.numel() * t.element_size() for t in held)
-        return total
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
 
     def remove(self):
         for h in self._hooks:

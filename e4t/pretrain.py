@@ -86,7 +86,7 @@ class Progress:
 
 def pretrain(unet, encoder: Encoder, offsets: Offsets, files: list, out_dir: str, *, text_encode, vae_encode,
              e_domain, empty_context, alphas_cumprod, domain: DomainConfig, cfg: PretrainConfig = PretrainConfig(),
-             resume: str | None = None, sample=None, autocast_dtype=None, clone_norm_inputs=False):
+             resume: str | None = None, sample=None, autocast_dtype=None, clone_norm_inputs=None):
     """Train heads and offsets for cfg.steps; returns the final E4TWeights. `sample(weights, step)` may
     write sample images. `resume`: a `state.pt` this function wrote."""
     with training_mode(unet, clone_norm_inputs):

@@ -49,11 +49,45 @@ def computing_in(unet: nn.Module, dtype):
         unet.dtype = old
 
 
+_IN_PLACE = {}
+
+
+def residuals_in_place(unet: nn.Module) -> bool:
+    """Whether the U-Net's transformer blocks add residuals in place after a LayerNorm read their input (ComfyUI
+    before 2025), which autograd refuses. Found by behaviour, not by version or source text: a small fresh block
+    of the same class (the CompVis signature dim, n_heads, d_head, dropout, context_dim, gated_ff, checkpoint that
+    SD1 hosts keep) runs forward and backward once on the U-Net's device and dtype; the answer is kept per class."""
+    block = next((m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"), None)
+    if block is None:
+        return False
+    kind = type(block)
+    if kind not in _IN_PLACE:
+        ref = next(block.parameters())
+        device, dtype = ref.device, ref.dtype if ref.dtype.is_floating_point and ref.dtype.itemsize >= 2 else torch.float32
+        if ref.is_meta or type(ref).__name__ == "FakeTensor":      # a memory estimate's U-Net: probe on the CPU
+            device, dtype = torch.device("cpu"), torch.float32
+        with torch.inference_mode(False), torch.enable_grad():
+            probe = kind(8, 1, 8, 0.0, 8, True, False).to(device, dtype)
+            for p in probe.parameters():
+                nn.init.normal_(p, std=0.1)          # host classes may leave weights uninitialised
+            x = torch.randn(1, 2, 8, device=device, dtype=dtype, requires_grad=True)
+            try:
+                probe(x * 1, torch.randn(1, 2, 8, device=device, dtype=dtype)).float().sum().backward()
+                _IN_PLACE[kind] = False
+            except RuntimeError as err:
+                if "inplace" not in str(err):
+                    raise
+                _IN_PLACE[kind] = True
+    return _IN_PLACE[kind]
+
+
 @contextmanager
-def training_mode(unet: nn.Module, clone_norm_inputs: bool = False):
+def training_mode(unet: nn.Module, clone_norm_inputs: bool | None = None):
     """Autograd on even inside a host's inference mode. clone_norm_inputs: for U-Nets whose transformer
     blocks add residuals in place after a LayerNorm read its input (ComfyUI before 2025), which autograd
-    refuses; each LayerNorm then reads a copy. The hooks are removed afterwards."""
+    refuses; each LayerNorm then reads a copy. None: `residuals_in_place` decides. The hooks are removed afterwards."""
+    if clone_norm_inputs is None:
+        clone_norm_inputs = residuals_in_place(unet)
     hooks = [m.register_forward_pre_hook(lambda mod, args: (args[0].clone(), *args[1:]))
              for m in unet.modules() if isinstance(m, nn.LayerNorm)] if clone_norm_inputs else []
     try:
@@ -200,10 +234,10 @@ class Objective:
     e_domain: torch.Tensor
     empty_context: torch.Tensor
     alphas_cumprod: torch.Tensor
-    scale: float = 0.1
-    prediction: str = "eps"
-    regularizer: str = "published"
-    reg_lambda: float = 1e-4
+    scale: float                 # these four from the caller's config (TuneConfig, PretrainConfig): no second default
+    prediction: str
+    regularizer: str
+    reg_lambda: float
     checkpointing: bool = False
     autocast_dtype: torch.dtype | None = None
 

@@ -26,14 +26,11 @@ from .optim import CompactAdamW
 from .precision import Precision, training_precision
 from .training import Objective, UNetWeights, structural_clone, training_mode
 
-TEMPLATES = {
+TEMPLATES = {                            # "published": the tune's prompts; "normal": pre-training's
     "published": ("a photo of {}",),
     "normal": ("a photo of {}", "a picture of {}", "an image of {}", "a close-up photo of {}",
                "a cropped photo of {}", "a good photo of {}", "a bright photo of {}", "a clean photo of {}",
                "a rendition of {}", "a nice photo of {}"),
-    "face": ("a portrait of {}", "a headshot of {}", "a photo of {}'s face", "a close-up portrait of {}",
-             "a studio portrait of {}", "a face photo of {}", "a photo of {}"),
-    "art": ("a painting by {}", "an artwork by {}", "art in the style of {}", "a picture by {}"),
 }
 
 
@@ -42,7 +39,7 @@ class TuneConfig:
     steps: int = 15
     batch_size: int = 16
     lr: float = 1.6e-5
-    reg_lambda: float = 1e-4
+    reg_lambda: float = 1e-4             # the one tune default, shown by both hosts and the CLI (published; see DomainConfig)
     regularizer: str = "published"       # or "paper"
     trains: str = "all"                  # heads + offsets + whole U-Net; "attention": U-Net attention only
     augmentation: str = "published"      # one crop repeated; "varied": n_augmentations cached crops
@@ -86,6 +83,24 @@ def preset(name: str, **overrides) -> TuneConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return replace(TuneConfig(**PRESETS[name]), **overrides)
+
+
+def base_weights_notice(left_out: list) -> str | None:
+    """The one rule of both hosts for LoRAs (and any other weight patch) active when a tune starts: the tune
+    starts from the base checkpoint's own U-Net and CLIP weights, without them, and they stay where the user put
+    them (ComfyUI: on the MODEL E4T Personalize returns; A1111: in the prompt of the next generation).
+
+    Why: a concept stores the U-Net change against the base model it names by fingerprint, and is loaded on
+    that base with whatever LoRA the user picks then. Tuned on top of a LoRA it would depend on it without
+    recording it, and the tune's steps on one photo would partly train the LoRA's effect out again. Tuned on
+    the base, concept and LoRA compose at sampling.
+
+    left_out: what the tune leaves out, in the host's words (LoRA names, counts of patched weights). Returns the
+    line the host shows, or None when nothing was left out."""
+    if not left_out:
+        return None
+    return ("E4T tunes on the base checkpoint's own weights; left out of the tune (still applied when sampling): "
+            + ", ".join(map(str, left_out)))
 
 
 class Interrupted(Exception):
@@ -142,11 +157,11 @@ def _trained_names(unet: nn.Module, trains: str):
     raise ValueError(f"unknown 'trains' {trains!r}: use 'all' or 'attention'")
 
 
-def tune(unet: nn.Module, *args, clone_norm_inputs: bool = False, **kwargs) -> "TuneResult":
+def tune(unet: nn.Module, *args, clone_norm_inputs: bool | None = None, **kwargs) -> "TuneResult":
     """Tune on one image; see `_tune`. Runs with autograd on even when the host is in inference mode, on a
     structural clone of `unet`.
 
-    clone_norm_inputs: see `training_mode`.
+    clone_norm_inputs: see `training_mode` (None: found by probing the U-Net).
     """
     work = structural_clone(unet)
     with training_mode(work, clone_norm_inputs):

@@ -118,11 +118,10 @@ def input_embedding(sd_model, token_id: int) -> torch.Tensor:
 
 
 def clip_layers(sd_model):
-    """Transformer layers to run for the user's CLIP skip setting (None: all), as the webui does."""
+    """Transformer layers to run for the user's CLIP skip setting (`e4t.clip_layers`; skip 2 stops at layer -2)."""
     from modules import shared
-    skip = int(shared.opts.CLIP_stop_at_last_layers)
     _, tm = text_model(sd_model)
-    return None if skip <= 1 else len(tm.encoder.layers) - skip + 1
+    return e4t.clip_layers(len(tm.encoder.layers), -max(1, int(shared.opts.CLIP_stop_at_last_layers)))
 
 
 def empty_context(sd_model) -> torch.Tensor:
@@ -132,19 +131,21 @@ def empty_context(sd_model) -> torch.Tensor:
         return sd_model.get_learned_conditioning([""]).float()
 
 
-def release_lora(sd_model):
-    """Bring the built-in Lora extension to its no-LoRA state before E4T trains: it restores its own
-    weight backups (exactly what its next generation without a LoRA would do). Without this, a
-    LoRA from the last generation would be baked into the tuned concept, and the first forward
-    pass inside the tune would make Lora rewrite weights E4T trains on."""
+def release_lora(sd_model) -> list:
+    """Bring the built-in Lora extension to its no-LoRA state before E4T trains (the rule of both hosts,
+    `e4t.base_weights_notice`): it restores its own weight backups, exactly what its next generation without
+    a LoRA would do; a LoRA from the last generation is not baked into the concept, and no forward pass inside
+    the tune makes Lora rewrite weights E4T trains on. Returns the names of the LoRAs it took off."""
     networks = sys.modules.get("networks")
     if networks is None or not hasattr(networks, "network_apply_weights"):
-        return
+        return []
+    names = [getattr(net, "name", str(net)) for net in networks.loaded_networks]
     networks.loaded_networks.clear()
     with torch.no_grad():
         for module in sd_model.modules():
             if getattr(module, "network_current_names", ()):
                 networks.network_apply_weights(module)
+    return names
 
 
 class Placeholder:

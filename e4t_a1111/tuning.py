@@ -90,8 +90,9 @@ def text_encoder(sd_model, device):
 
 
 def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cfg: e4t.TuneConfig,
-         overwrite: bool = False, progress=None, should_stop=None, auto_mask: str = "none"):
+         overwrite: bool = False, progress=None, should_stop=None, auto_mask: str = "none", notice=None):
     """Tune and save; returns (path of the saved concept, losses). Raises E4TError or e4t.Interrupted.
+    notice(line): told what the tune left out (`e4t.base_weights_notice`), besides the console.
 
     auto_mask: "none", or a kind of `e4t.CASCADES` ("face", "cat") to find the mask with OpenCV when no
     mask is given; nothing found (or no OpenCV) is an E4TError before anything is loaded or trained."""
@@ -132,7 +133,11 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
     cfg = replace(cfg, prediction=sd_model.parameterization)
     device = devices.device
     unet = host.unet(sd_model)
-    host.release_lora(sd_model)
+    left_out = e4t.base_weights_notice([f"LoRA {name!r}" for name in host.release_lora(sd_model)])
+    if left_out:
+        print(left_out)
+        if notice is not None:
+            notice(left_out)
     encoder = weights.encoder                  # stays on the CPU: the tune copies its heads to the GPU
     try:
         encoder.clip_vision.to(device, torch.float32 if device.type == "cpu" else devices.dtype)

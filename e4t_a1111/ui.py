@@ -75,7 +75,7 @@ def tab():
                     batch = gr.Slider(1, 32, value=16, step=1, label="Batch size", elem_id="e4t_batch")
                 with gr.Row():
                     lr = gr.Number(value=1.6e-5, label="Learning rate", elem_id="e4t_lr")
-                    reg = gr.Number(value=1e-4, label="λ (regularisation)", elem_id="e4t_lambda")
+                    reg = gr.Number(value=e4t.TuneConfig.reg_lambda, label="λ (regularisation)", elem_id="e4t_lambda")
                 memory = gr.Radio(MEMORY_MODES, value="auto", label="Memory mode", elem_id="e4t_memory",
                                   info="auto: fast where the GPU has 46 GiB, else low_vram (same recipe, a fraction of "
                                        "the memory, slower); custom: the three settings under Advanced")
@@ -177,10 +177,11 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
         state.sampling_step = step
         state.textinfo = f"E4T tune: step {step}/{total}, loss {loss:.4f}"
 
+    notices = []
     try:
         path, losses = tuning.tune(weights, image, mask, domain, name, cfg, overwrite=bool(overwrite),
                                    progress=progress, should_stop=lambda: state.interrupted,
-                                   auto_mask=auto_mask or "none")
+                                   auto_mask=auto_mask or "none", notice=notices.append)
     except e4t.Interrupted as err:
         return None, "", f"<p>{html.escape(str(err))}; no concept was saved.</p>"
     except e4t.Diverged as err:
@@ -193,7 +194,8 @@ def run_tune(task_id, weights, image, mask, domain, name, preset, steps, lr, reg
     store.file_hash(path, concept)                  # into the webui's hash cache now, not at first use
     return plot, "", (f"<p>Saved <b>{html.escape(concept)}</b> to {html.escape(path)} after {len(losses)} steps "
                       f"(last loss {losses[-1]:.4f}).</p><p>In txt2img/img2img: open <i>E4T</i>, refresh, pick it, "
-                      f"and write <code>{html.escape(_placeholder(path))}</code> in the prompt.</p>")
+                      f"and write <code>{html.escape(_placeholder(path))}</code> in the prompt.</p>"
+                      + "".join(f"<p>{html.escape(n)}.</p>" for n in notices))
 
 
 def _placeholder(path):

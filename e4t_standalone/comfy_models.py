@@ -185,9 +185,11 @@ def comfy_training():
 
 
 def in_place_residuals() -> bool:
-    """ComfyUI before 2025 adds transformer residuals in place, which autograd refuses (see e4t.training_mode)."""
+    """Whether this ComfyUI's transformer blocks add residuals in place (`e4t.training.residuals_in_place`, a probe
+    of its BasicTransformerBlock); the engine finds it by itself when not told."""
     from comfy.ldm.modules.attention import BasicTransformerBlock
-    return "x += n" in inspect.getsource(BasicTransformerBlock)
+    from e4t.training import residuals_in_place
+    return residuals_in_place(torch.nn.Sequential(BasicTransformerBlock(8, 1, 8, 0.0, 8, True, False)))
 
 
 class SD1:

@@ -14,7 +14,7 @@ import torch
 
 import e4t
 
-from .comfy_models import SD1, comfy_training, import_comfy, in_place_residuals, tiny_encoder
+from .comfy_models import SD1, comfy_training, import_comfy, tiny_encoder
 
 DEFAULTS = {"steps": 15, "batch": 16, "resolution": 512, "sample_steps": 25}
 TINY = {"steps": 4, "batch": 4, "resolution": 64, "sample_steps": 10}     # a smoke run: seconds on a CPU
@@ -117,8 +117,7 @@ def run(args):
         result = e4t.tune(sd1.unet, encoder, weights.offsets, image, text_encode=text_encode,
                           vae_encode=sd1.vae_encode, e_domain=e_domain, empty_context=empty,
                           alphas_cumprod=sd1.alphas_cumprod, scale=config.scale, placeholder=config.placeholder,
-                          cfg=cfg, mask=mask, features=features, progress=_TuneProgress(),
-                          clone_norm_inputs=in_place_residuals())
+                          cfg=cfg, mask=mask, features=features, progress=_TuneProgress())
     source_path = args.e4t or os.path.join(args.out, "tiny-e4t.safetensors")
     if not args.e4t:                                           # the concept stores changes to these weights
         e4t.save(weights, source_path)

@@ -8,7 +8,7 @@ import e4t
 from e4t import (PretrainConfig, augment, backbone_state, ddim, image_files, load_image, pretrain,
                  read_tensors)
 
-from .comfy_models import SD1, import_comfy, in_place_residuals, tiny_encoder
+from .comfy_models import SD1, import_comfy, tiny_encoder
 
 
 def _distributed(device_arg):
@@ -79,6 +79,5 @@ def run(args):
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision) if device.type == "cuda" else None
     weights = pretrain(sd1.unet, encoder, offsets, files, args.out, text_encode=text_encode, vae_encode=sd1.vae_encode,
                        e_domain=e_domain, empty_context=empty, alphas_cumprod=sd1.alphas_cumprod, domain=domain,
-                       cfg=cfg, resume=args.resume, sample=sample, autocast_dtype=autocast,
-                       clone_norm_inputs=in_place_residuals())
+                       cfg=cfg, resume=args.resume, sample=sample, autocast_dtype=autocast)
     return weights

@@ -1,4 +1,5 @@
 """The E4T object that flows between nodes (type "E4T"): weights plus what is derived from them once."""
+import copy
 import logging
 
 import torch
@@ -31,15 +32,17 @@ class E4T:
         self._deltas = None
         self._features = {}
         self._vit = None
+        self._backbone_sha256 = None      # of the backbone in use, once a CLIP_VISION was compared with it
 
     @property
     def config(self):
         return self.weights.config
 
     def deltas(self) -> dict:
+        """ΔW per target in fp32, formed once, from an fp32 copy of the offsets (the loaded weights keep their dtype)."""
         if self._deltas is None:
             with torch.no_grad():
-                self._deltas = {k: d.float() for k, d in self.weights.offsets.float().deltas().items()}
+                self._deltas = {k: d.float() for k, d in copy.deepcopy(self.weights.offsets).float().deltas().items()}
         return self._deltas
 
     def vit_patcher(self):
@@ -59,15 +62,23 @@ class E4T:
         unload(self._vit)
 
     def use_stock_backbone(self, clip_vision) -> None:
-        """A core CLIP_VISION may stand in only for a file without backbone and only if proven identical."""
+        """A core CLIP_VISION may stand in only for a file without backbone and only if proven identical; one that
+        differs from the backbone already in use (the file's own, or another CLIP_VISION's) is refused, not ignored."""
         enc = self.weights.encoder
-        if not enc.clip_vision.conv1.weight.is_meta:
-            return
         stock = backbone_state(clip_vision.model.state_dict() if hasattr(clip_vision, "model") else clip_vision)
-        if not self.config.backbone_sha256 or tensors_sha256(stock) != self.config.backbone_sha256:
+        digest = tensors_sha256(stock)
+        if not enc.clip_vision.conv1.weight.is_meta:
+            if self._backbone_sha256 is None:
+                self._backbone_sha256 = tensors_sha256(backbone_state(enc.state_dict()))
+            if digest != self._backbone_sha256:
+                raise E4TFileError(f"{self.name} already has its ViT backbone ({self.config.backbone_id}) and the "
+                                   f"connected CLIP vision model is a different one: disconnect CLIP_VISION")
+            return
+        if not self.config.backbone_sha256 or digest != self.config.backbone_sha256:
             raise E4TFileError(f"{self.name}: the CLIP vision model is not the backbone this E4T file was made "
                                f"with ({self.config.backbone_id}); load the matching CLIP vision file")
         enc.clip_vision.load_state_dict({k: v.float() for k, v in stock.items()}, assign=True)
+        self._backbone_sha256 = digest
 
     def features(self, image: torch.Tensor | None, device) -> ImageFeatures:
         """ViT tokens of the concept image (cached per image); a saved concept's own tokens without one."""

@@ -45,7 +45,7 @@ def test_unet_pt_variant_and_trimmed_config(tmp_path):
     with pytest.warns(UserWarning, match="tuned U-Net weights .* are not applied"):
         loaded = e4t.load(str(tmp_path / "tuned"))
     assert loaded.config.domain_word == "face"          # defaults without config.json
-    assert "conv_in.weight" in loaded.extra["unet_diffusers"]
+    assert not hasattr(loaded, "extra")                 # the tuned U-Net weights are not kept in memory
     for k, v in to_published(loaded.offsets).items():
         assert torch.equal(v, to_published(offsets)[k])
 
@@ -166,3 +166,11 @@ def test_concept_image_hash_is_of_the_uint8_pixels():
     import hashlib
     pixels = torch.arange(24, dtype=torch.uint8).view(2, 4, 3)
     assert e4t.pixels_sha256(pixels) == hashlib.sha256(bytes(range(24))).hexdigest()
+
+
+def test_a_published_text_encoder_is_not_read(tmp_path):
+    """`text_encoder.pt` (a tuned CLIP nothing here applies) is named and skipped, not unpickled: garbage loads."""
+    write_published(tmp_path / "pub")
+    (tmp_path / "pub" / "text_encoder.pt").write_bytes(b"not a pickle")
+    with pytest.warns(UserWarning, match="text_encoder.pt is not used"):
+        e4t.load(str(tmp_path / "pub"))

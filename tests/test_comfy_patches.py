@@ -118,3 +118,48 @@ def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     alone = rebuilt.calculate_weight(w, KEY, 0.8, 1.0, None, lambda a: a, dtype)
     assert torch.equal(w, keep), "the adapter wrote into the weight it was given"
     torch.testing.assert_close(alone.float(), keep.float() * (1 + 0.8 * d), rtol=2e-2, atol=2e-3)
+
+
+def test_in_place_residuals_are_found_by_running_the_hosts_block(host):
+    """`e4t.training.residuals_in_place` answers from behaviour (neither source text nor version): autograd refuses a
+    backward through this ComfyUI's own transformer block exactly when the probe says its residuals are in place,
+    and the LayerNorm copies `training_mode` then adds make that backward work."""
+    import copy
+    from e4t.training import residuals_in_place, training_mode
+    unet = tiny_model().model.diffusion_model
+    block = copy.deepcopy(next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")).float()
+    dim, ctx_dim = block.norm1.normalized_shape[0], block.attn2.to_k.in_features
+
+    def backward():
+        x = torch.randn(1, 4, dim, requires_grad=True)
+        block(x * 1, torch.randn(1, 3, ctx_dim)).sum().backward()
+    with torch.inference_mode(False), torch.enable_grad():
+        try:
+            backward()
+            refused = False
+        except RuntimeError as err:
+            assert "inplace" in str(err)
+            refused = True
+    assert residuals_in_place(unet) == refused
+    with training_mode(block):                   # None: the probe decides, and the copies make it work
+        backward()
+
+
+def test_e4t_object_reads_without_side_effects_and_refuses_a_second_backbone(host, tmp_path):
+    """`E4T.deltas()` leaves the loaded offsets' dtype alone; a CLIP_VISION that differs from the backbone in use is
+    refused with what to do (before: silently ignored), an identical one is accepted."""
+    import e4t
+    from tiny_models import write_published
+    E4T = pack_module("nodes.model").E4T
+    write_published(tmp_path / "pub")
+    weights = e4t.load(str(tmp_path / "pub"))
+    weights.offsets.half()
+    obj = E4T(weights, "tiny")
+    deltas = obj.deltas()
+    assert all(p.dtype == torch.float16 for p in weights.offsets.parameters())
+    assert all(d.dtype == torch.float32 for d in deltas.values())
+    same = {k: v.clone() for k, v in weights.encoder.state_dict().items()}
+    obj.use_stock_backbone(same)
+    other = {k: v + (0.5 if k.endswith("conv1.weight") else 0) for k, v in same.items()}
+    with pytest.raises(pack_module("e4t.files").E4TFileError, match="disconnect CLIP_VISION"):
+        obj.use_stock_backbone(other)

@@ -243,6 +243,63 @@ def test_masked_tune_gives_the_engine_the_mask_and_plots_its_losses(host, monkey
                                                           "loss")[None])
 
 
+def write_unet_lora(path, key, shape, rank=2, seed=6):
+    """A LoRA on one U-Net weight (kohya's CompVis key layout); returns what it adds at strength 1."""
+    g = torch.Generator().manual_seed(seed)
+    up, down = torch.randn(shape[0], rank, generator=g), torch.randn(rank, shape[1], generator=g)
+    name = "lora_unet_" + key[len("diffusion_model."): -len(".weight")].replace(".", "_")
+    safetensors.torch.save_file({f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down,
+                                 f"{name}.alpha": torch.tensor(float(rank))}, path)
+    return up @ down
+
+
+def test_a_lora_before_the_tune_is_left_out_of_it_and_stays_for_sampling(host, monkeypatch, tmp_path, caplog):
+    """The rule of both hosts (`e4t.base_weights_notice`): E4T Personalize tunes on the checkpoint's own weights,
+    says what it left out, and the LoRA wired before it is still applied to the MODEL it returns."""
+    import nodes
+    model = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[0]
+    sd = model.model_state_dict()
+    key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    lora = write_unet_lora(str(tmp_path / "e4t-test-unet.safetensors"), key, sd[key].shape)
+    host.folder_paths.add_model_folder_path("loras", str(tmp_path))
+    tune = pack_module("nodes.nodes_tune")
+    seen, engine_tune = [], tune.engine.tune
+
+    def recording(unet, *args, **kw):
+        seen.append(unet.state_dict()[key[len("diffusion_model."):]].detach().float().clone())
+        return engine_tune(unet, *args, **kw)
+    monkeypatch.setattr(tune.engine, "tune", recording)
+    results = {}
+    for strength in (0.0, 1.0):
+        g = graph(tune={"seed": 13}, key=f"lora_{strength}")
+        g["lora"] = {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                     "lora_name": "e4t-test-unet.safetensors", "strength_model": strength, "strength_clip": 0.0}}
+        g["tune"]["inputs"]["model"] = ["lora", 0]
+        with caplog.at_level("WARNING"):
+            host.run(g)
+        results[strength] = CAPTURED[f"lora_{strength}"]
+    base = pack_module("nodes.patches").unpatched(model, key, model.model_state_dict()).float()   # the checkpoint's
+    assert len(seen) == 2 and all(torch.equal(w, base) for w in seen), "the tune saw LoRA-patched weights"
+    assert lora.abs().max() > 0.1
+    assert "left out of the tune" in caplog.text and "MODEL weights" in caplog.text
+    assert not torch.equal(results[0.0], results[1.0]), "the LoRA is not applied to the personalised MODEL"
+
+
+def test_the_tune_uses_the_nodes_lambda_whose_default_is_the_engines(host, monkeypatch):
+    """E4T Personalize shows TuneConfig's λ and tunes with what the node says, not the E4T file's (pre-training) λ."""
+    from e4t import TuneConfig
+    tune = pack_module("nodes.nodes_tune")
+    assert tune.E4TPersonalize.INPUT_TYPES()["required"]["reg_lambda"][1]["default"] == TuneConfig.reg_lambda
+    seen, engine_tune = [], tune.engine.tune
+
+    def recording(unet, *args, **kw):
+        seen.append(kw["cfg"].reg_lambda)
+        return engine_tune(unet, *args, **kw)
+    monkeypatch.setattr(tune.engine, "tune", recording)
+    host.run(graph(tune={"reg_lambda": 0.03, "steps": 1}, key="lambda"))
+    assert seen == [0.03]
+
+
 def test_text_without_placeholder_warns(host):
     import nodes
     clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
