@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,6 +60,38 @@ def flops(fn):
     return counter.get_total_flops()
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched below autograd: on a GPU each is about one kernel launch, so
+    the count shows launch-bound progress on a machine without one."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops(fn):
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
+def a1111_hooks():
+    """The A1111 extension's weight hooks (pure torch), imported by path like the tests do."""
+    import importlib.util
+    root = os.path.dirname(HERE)
+    if "e4t_a1111" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("e4t_a1111", os.path.join(root, "e4t_a1111", "__init__.py"),
+                                                      submodule_search_locations=[os.path.join(root, "e4t_a1111")])
+        sys.modules["e4t_a1111"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["e4t_a1111"])
+    from e4t_a1111 import hooks
+    return hooks
+
+
 class Setup:
     """The models a host holds on `device`: U-Net and text encoder in the dtype ComfyUI loads SD1.5 in on a
     GPU (fp16), the E4T encoder with its ViT-H backbone; the concept image's features computed once."""
@@ -90,6 +123,9 @@ class Setup:
         self.res = 64 if tiny else 512
         self.ids = torch.tensor([[t for t, _ in self.clip.tokenize("a photo of sks")["l"][0]]], device=device)
         self.pos = (self.ids[0] == 48136).nonzero()[0]
+        with torch.no_grad():                     # what the hosts keep per prompt for the per-step encoding
+            self.slot_encoder = e4t.SlotEncoder(self.text, e4t.input_embeddings(
+                self.text, self.ids[0], {}, e4t.fast_dtype(device, weights), device), [int(self.pos)])
         self.empty_ids = torch.tensor([[t for t, _ in self.clip.tokenize("")["l"][0]]], device=device)
         with torch.no_grad():
             self.empty = self.encode_ids(self.empty_ids, None, torch.zeros(1, dtype=torch.long, device=device))
@@ -150,6 +186,8 @@ def bench(args):
         rows += sampling(s, device, dtype, args)
     if "load" in args.parts:
         rows.append(loading(s, args))
+    if "ops" in args.parts:
+        rows += op_counts(s, device, args)
     return rows
 
 
@@ -248,7 +286,7 @@ def sampling_at(s, device, dtype, args, n):
     def ours():
         with autocast:
             w = e4t.predict_embedding(folded, s.unet, x, t, empty, s.e_domain, 0.1)
-            cond = s.text_encode(["p"] * n, w)
+            cond = s.slot_encoder(w).to(empty)                  # as the hosts re-encode: from the slot on
             s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
 
     @torch.no_grad()
@@ -283,6 +321,65 @@ def sampling_at(s, device, dtype, args, n):
     return rows
 
 
+def op_counts(s, device, args):
+    """Dispatched operations (≈ GPU kernel launches) per sampling step and per tune step, on any device;
+    the 'before' columns are the code paths issue 17 replaced, still available for comparison."""
+    rows = []
+    n = args.sample_batch[0]
+    x = torch.randn(n, 4, s.res // 8, s.res // 8, device=device)
+    t = torch.full((n,), 500.0, device=device)
+    empty = s.empty.expand(n, -1, -1)
+    folded = s.encoder.fold(s.encoder.image_features(s.image[None]))
+    words = s.e_domain.to(device).expand(n, -1)
+    with torch.inference_mode(False):       # the U-Net's weights as the webui holds them: normal tensors
+        for module in s.unet.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    with torch.inference_mode():
+        full = lambda: s.text_encode(["p"] * n, words)                             # noqa: E731
+        slot = lambda: s.slot_encoder(words)                                       # noqa: E731
+        plain = lambda: s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, empty]))  # noqa: E731
+        feature = lambda: e4t.predict_embedding(folded, s.unet, x, t, empty, s.e_domain, 0.1)  # noqa: E731
+        tokens = s.clip.tokenize("a photo of sks")
+        spliced = {"l": [[(w, 1.0) if i == int(s.pos) else e for i, e in enumerate(tokens["l"][0])] for w in words]}
+        host = lambda: s.clip.encode_from_tokens(spliced)                           # noqa: E731
+        rows.append((f"ops: text encoding per step, {n} image(s), slot at {int(s.pos)}",
+                     f"before: ComfyUI's own encoding {ops(host)} ops, {flops(host) / 1e9:.3f} GFLOP",
+                     f"engine, whole prompt {ops(full)} ops, {flops(full) / 1e9:.3f} GFLOP",
+                     f"from the slot on {ops(slot)} ops, {flops(slot) / 1e9:.3f} GFLOP", ""))
+        o_plain, o_feat, o_text = ops(plain), ops(feature), ops(slot)
+        rows.append((f"ops: sampling step, {n} image(s), CFG", f"plain U-Net {o_plain}",
+                     f"E4T {o_plain + o_feat + o_text} (feature pass + heads {o_feat}, text {o_text})",
+                     f"ratio {(o_plain + o_feat + o_text) / o_plain:.2f}x", "before: text whole prompt "
+                     f"{o_plain + o_feat + ops(full)}"))
+        # the A1111 extension's hooks with a concept that trains every U-Net weight
+        hooks = a1111_hooks()
+        g = torch.Generator().manual_seed(0)
+        delta = {k: torch.randn(p.shape, generator=g).to(device, p.dtype) * 1e-3 for k, p in s.unet.named_parameters()}
+        offsets = {k: d.detach().to(device) for k, d in s.offsets.deltas().items()}
+        h = hooks.WeightHooks(s.unet, offsets, delta, 1.0).apply()
+        try:
+            plain()                                                                   # fills the cache
+            o_cached = ops(plain)
+            original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+            try:
+                o_uncached = ops(plain)
+            finally:
+                hooks._weight_key = original
+        finally:
+            h.remove()
+        rows.append(("ops: A1111 U-Net call (CFG) with a trains-all concept", f"no E4T {o_plain}",
+                     f"weight changes cached {o_cached}", f"before (recomputed per call) {o_uncached}",
+                     f"{len(h.parts)} hooked modules"))
+    with s.e4t_weights_on_cpu():
+        memory, trains = args.tunes[0]
+        per_run = [ops(lambda: s.tune(k, args.batch, memory, trains)) for k in (1, 2)]
+    rows.append((f"ops: tune step, batch {args.batch}, {memory}, trains {trains}", f"{per_run[1] - per_run[0]} per step",
+                 f"setup + 1 step {per_run[0]}", "", ""))
+    return rows
+
+
 def loading(s, args):
     # --- loading an E4T .safetensors vs reading its bytes (warm page cache for both) ---
     with tempfile.TemporaryDirectory() as tmp:
@@ -309,7 +406,7 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss")
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss, ops")
     p.add_argument("--resolution", type=int, help="tuning resolution (default: 512, tiny 64)")
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")

@@ -23,21 +23,19 @@ def _heads(attn):
     return getattr(attn, "heads", None) or attn.num_heads
 
 
-def _layer(layer, x: torch.Tensor, past=None):
+def _layer(layer, x: torch.Tensor, past=None, mask=None):
     """One transformer layer on positions x (b, m, d) -> (x, (k, v)) with x's keys and values.
 
-    past: (k, v) (1, heads, p, d_head) of the p positions before x, kept from an earlier call; None: x starts
-    at position 0 (then the attention is plain causal)."""
+    past: (k, v) (1, heads, p, d_head) of the p positions before x, kept from an earlier call, with `mask`
+    (m, p + m) the causal mask of x's positions over all; None: x starts at position 0 (plain causal)."""
     attn = layer.self_attn
     h = layer.layer_norm1(x)
     q, k, v = (proj(h).unflatten(-1, (_heads(attn), -1)).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     if past is None:
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
-        p, m = past[0].shape[2], x.shape[1]
         keys = torch.cat([past[0].expand(x.shape[0], -1, -1, -1), k], dim=2)
         values = torch.cat([past[1].expand(x.shape[0], -1, -1, -1), v], dim=2)
-        mask = torch.arange(p + m, device=x.device)[None] <= torch.arange(p, p + m, device=x.device)[:, None]
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     x = x + attn.out_proj(a.transpose(1, 2).flatten(2))
     x = x + layer.mlp.fc2(_activation(layer.mlp)(layer.mlp.fc1(layer.layer_norm2(x))))
@@ -101,12 +99,18 @@ class SlotEncoder:
         self.text_model, self.slots = text_model, sorted(slots)
         self.layers, self.final_norm = _layers(text_model, n_layers), final_norm
         self.start = self.slots[0] if self.slots else embeds.shape[1]
-        self.tail, self.positions = embeds[:, self.start:], text_model.embeddings.position_embedding.weight
-        x, self.past = embeds[:, : self.start] + self.positions[: self.start].to(embeds), []
+        n, device = embeds.shape[1], embeds.device
+        positions = text_model.embeddings.position_embedding.weight[:n].to(embeds)
+        x, self.past = embeds[:, : self.start] + positions[: self.start], []
         for layer in self.layers if self.start else ():
             x, kv = _layer(layer, x)
             self.past.append(kv)
         self.head = self._norm(x) if self.start else x               # (1, start, d): fixed for every word
+        # per call: where the words go, what the other tail positions hold, the tail's causal mask
+        offsets = torch.arange(self.start, n, device=device)
+        self.hit = torch.isin(offsets, torch.tensor(self.slots, device=device, dtype=torch.long))[None, :, None]
+        self.tail, self.tail_positions = embeds[:, self.start:] + positions[self.start:], positions[self.start:]
+        self.mask = torch.arange(n, device=device)[None] <= offsets[:, None]
 
     def _norm(self, x):
         return self.text_model.final_layer_norm(x) if self.final_norm else x
@@ -115,12 +119,9 @@ class SlotEncoder:
         """words (b, d) -> (b, n, d) in the embeddings' dtype; without slots the fixed encoding (1, n, d)."""
         if not self.slots:
             return self.head
-        x = self.tail.expand(words.shape[0], -1, -1).clone()
-        for position in self.slots:
-            x[:, position - self.start] = words.to(x)
-        x = x + self.positions[self.start: self.start + x.shape[1]].to(x)
+        x = torch.where(self.hit, words[:, None].to(self.tail) + self.tail_positions, self.tail)
         for layer, past in zip(self.layers, self.past or [None] * len(self.layers)):
-            x, _ = _layer(layer, x, past)
+            x, _ = _layer(layer, x, past, self.mask)
         return torch.cat([self.head.expand(x.shape[0], -1, -1), self._norm(x)], dim=1)
 
 

@@ -345,8 +345,8 @@ def test_refined_contexts_equal_comfyui_encoding_from_the_slot_on(host, monkeypa
         singles = torch.cat([prompts.encode_tokens(clip, prompt.with_word(w)) for w in words])
         prompt.context(words, "cpu")                             # the first call encodes what stays fixed
         calls.clear()
-        monkeypatch.setattr(engine_text, "_layer", lambda lyr, x, past=None: positions.append(x.shape[1]) or
-                            layer(lyr, x, past))
+        monkeypatch.setattr(engine_text, "_layer", lambda lyr, x, past=None, mask=None: positions.append(x.shape[1]) or
+                            layer(lyr, x, past, mask))
         batched = prompt.context(words, "cpu")
     assert not calls, "ComfyUI's encoder ran per call"
     assert batched.shape == singles.shape and batched.dtype == torch.float32
