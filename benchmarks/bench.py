@@ -168,9 +168,39 @@ def reference_delta(off):
     return off.linear_row(m.T).T
 
 
+def text_timing(args):
+    """Per-step text encoding of 'a photo of <w>' for n images: ComfyUI's own encoding of the prompt with the
+    word spliced in (what the node did before issue 17) against the engine's from-the-slot encoding."""
+    device = torch.device(args.device)
+    comfy_models.import_comfy(cpu=device.type != "cuda")
+    clip = tm.tiny_clip(clip_config=tm.TINY_CLIP if args.tiny else tm.CLIP_L)
+    text = tm.text_model(clip)
+    tokens = clip.tokenize("a photo of sks")
+    pos = next(i for i, (t, _) in enumerate(tokens["l"][0]) if t == 48136)
+    ids = [t for t, _ in tokens["l"][0]]
+    weights = next(text.parameters()).dtype
+    fast = e4t.fast_dtype(device, weights)
+    rows = []
+    with torch.inference_mode():
+        encoder = e4t.SlotEncoder(text, e4t.input_embeddings(text, ids, {}, fast, device), [pos])
+        for n in args.sample_batch:
+            words = torch.randn(n, text.embeddings.token_embedding.weight.shape[1], device=device)
+            spliced = {"l": [[(w, 1.0) if i == pos else e for i, e in enumerate(tokens["l"][0])] for w in words]}
+            host = lambda: clip.encode_from_tokens(spliced)                       # noqa: E731
+            slot = lambda: encoder(words)                                          # noqa: E731
+            t_host, t_slot = timed(host, device, args.repeats * 3), timed(slot, device, args.repeats * 3)
+            err = (slot().float() - host().reshape(n, 77, -1).to(device)).abs().max().item()
+            rows.append((f"text encoding per step, {n} image(s), weights {str(weights)[6:]}, slot at {pos}",
+                         f"before: ComfyUI's own {t_host * 1e3:.1f} ms", f"from the slot on ({str(fast)[6:]}) "
+                         f"{t_slot * 1e3:.1f} ms", f"ratio {t_slot / t_host:.2f}x", f"max abs diff {err:.1e}"))
+    return rows
+
+
 def bench(args):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.parts == ["text"]:
+        return text_timing(args)
     s = Setup(args.tiny, device, dtype, args.channels_last)
     s.res = args.resolution or s.res
     rows = []
@@ -188,6 +218,8 @@ def bench(args):
         rows.append(loading(s, args))
     if "ops" in args.parts:
         rows += op_counts(s, device, args)
+    if "text" in args.parts:
+        rows += text_timing(args)
     return rows
 
 
@@ -406,7 +438,7 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss, ops")
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss, ops, text")
     p.add_argument("--resolution", type=int, help="tuning resolution (default: 512, tiny 64)")
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")
@@ -414,6 +446,7 @@ def main():
     p.add_argument("--sample-batch", default="1", help="comma-separated images per prompt for the sampling rows")
     args = p.parse_args()
     args.tunes = [tuple(pair.split(":")) for pair in args.tunes.split(",")]
+    args.parts = args.parts.split(",")
     args.sample_batch = [int(n) for n in args.sample_batch.split(",")]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     rows = bench(args)
