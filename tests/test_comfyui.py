@@ -360,3 +360,30 @@ def test_refined_contexts_equal_comfyui_encoding_from_the_slot_on(host, monkeypa
     assert sorted(positions) == sorted([77 - i for i in first.values()] * n_layers), positions
     if skip is None and len(first) == 1:
         assert positions[0] < 77
+
+
+def test_half_precision_clip_on_the_cpu_is_encoded_in_fp32(host):
+    """ComfyUI keeps the CLIP in fp16 on the CPU (0.33) and computes in fp32; the per-step encoding runs in fp32
+    there too (fast on a CPU) and equals ComfyUI's own encoding."""
+    import inspect
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from e4t import SlotEncoder, fast_dtype, input_embeddings
+    if "model_options" not in inspect.signature(comfy.sd.CLIP.__init__).parameters:
+        pytest.skip("this ComfyUI computes its CLIP in the weights' dtype")
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP), "dtype": torch.float16})
+        for p in clip.cond_stage_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        tm = text_model(clip)
+        tokens = clip.tokenize("a photo of sks")
+        words = torch.randn(2, 32, generator=g)
+        dtype = fast_dtype("cpu", next(tm.parameters()).dtype)
+        got = SlotEncoder(tm, input_embeddings(tm, [t for t, _ in tokens["l"][0]], {}, dtype, "cpu"), [4])(words)
+        want = torch.cat([clip.encode_from_tokens({"l": [[(w, 1.0) if i == 4 else e for i, e in enumerate(tokens["l"][0])]]})
+                          for w in words])
+    assert next(tm.parameters()).dtype == torch.float16 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
