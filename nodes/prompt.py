@@ -41,6 +41,7 @@ class PlaceholderPrompt:
         self.tokens = clip.tokenize(text.replace(placeholder, f" {word} "))
         self.slots = [(c, i) for c, chunk in enumerate(self.tokens["l"]) for i, t in enumerate(chunk)
                       if t[0] == self.marker]
+        self._encoders = None                   # (CLIP state, slot_encoders()) of the last call
 
     def with_word(self, word: torch.Tensor) -> dict:
         """Token lists with the word vector (d,) in every placeholder slot, weights kept."""
@@ -94,9 +95,12 @@ class PlaceholderPrompt:
         device = clip.patcher.load_device
         dtype = fast_dtype(device, next(tm.parameters()).dtype)
         key = (str(device), dtype, n_layers, final_norm, getattr(clip.patcher, "patches_uuid", None))
-        cached = getattr(self, "_encoders", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if self._encoders is not None and self._encoders[0] == key:
+            return self._encoders[1]
+        self._encoders = (key, self._make_encoders(tm, model, n_layers, final_norm, dtype, device))
+        return self._encoders[1]
+
+    def _make_encoders(self, tm, model, n_layers, final_norm, dtype, device):
         chunks, weighted = [], any(t[1] != 1.0 for chunk in self.tokens["l"] for t in chunk)
         slots = {}
         for c, i in self.slots:
@@ -116,7 +120,7 @@ class PlaceholderPrompt:
 
             for c, chunk in enumerate(self.tokens["l"]):
                 enc = encoder(chunk, slots.get(c, []))
-                if enc is None:
+                if enc is None:                                     # an embedding of another width
                     return None
                 weights = torch.tensor([t[1] for t in chunk], dtype=torch.float32, device=device)[:, None]
                 chunks.append((enc, weights if weighted else None))
@@ -125,8 +129,7 @@ class PlaceholderPrompt:
                 from comfy.sd1_clip import gen_empty_tokens
                 empty_ids = [(t, 1.0) for t in gen_empty_tokens(model.special_tokens, len(self.tokens["l"][0]))]
                 empty = encoder(empty_ids, [])(None)[0].float()
-        self._encoders = (key, (chunks, empty))
-        return self._encoders[1]
+        return chunks, empty
 
 
 def encode_tokens(clip, tokens) -> torch.Tensor:
