@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,6 +60,38 @@ def flops(fn):
     return counter.get_total_flops()
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched below autograd: on a GPU each is about one kernel launch, so
+    the count shows launch-bound progress on a machine without one."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops(fn):
+    with OpCounter() as counter:
+        fn()
+    return counter.count
+
+
+def a1111_hooks():
+    """The A1111 extension's weight hooks (pure torch), imported by path like the tests do."""
+    import importlib.util
+    root = os.path.dirname(HERE)
+    if "e4t_a1111" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("e4t_a1111", os.path.join(root, "e4t_a1111", "__init__.py"),
+                                                      submodule_search_locations=[os.path.join(root, "e4t_a1111")])
+        sys.modules["e4t_a1111"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["e4t_a1111"])
+    from e4t_a1111 import hooks
+    return hooks
+
+
 class Setup:
     """The models a host holds on `device`: U-Net and text encoder in the dtype ComfyUI loads SD1.5 in on a
     GPU (fp16), the E4T encoder with its ViT-H backbone; the concept image's features computed once."""
@@ -90,6 +123,9 @@ class Setup:
         self.res = 64 if tiny else 512
         self.ids = torch.tensor([[t for t, _ in self.clip.tokenize("a photo of sks")["l"][0]]], device=device)
         self.pos = (self.ids[0] == 48136).nonzero()[0]
+        with torch.no_grad():                     # what the hosts keep per prompt for the per-step encoding
+            self.slot_encoder = e4t.SlotEncoder(self.text, e4t.input_embeddings(
+                self.text, self.ids[0], {}, e4t.fast_dtype(device, weights), device), [int(self.pos)])
         self.empty_ids = torch.tensor([[t for t, _ in self.clip.tokenize("")["l"][0]]], device=device)
         with torch.no_grad():
             self.empty = self.encode_ids(self.empty_ids, None, torch.zeros(1, dtype=torch.long, device=device))
@@ -132,9 +168,39 @@ def reference_delta(off):
     return off.linear_row(m.T).T
 
 
+def text_timing(args):
+    """Per-step text encoding of 'a photo of <w>' for n images: ComfyUI's own encoding of the prompt with the
+    word spliced in (what the node did before issue 17) against the engine's from-the-slot encoding."""
+    device = torch.device(args.device)
+    comfy_models.import_comfy(cpu=device.type != "cuda")
+    clip = tm.tiny_clip(clip_config=tm.TINY_CLIP if args.tiny else tm.CLIP_L)
+    text = tm.text_model(clip)
+    tokens = clip.tokenize("a photo of sks")
+    pos = next(i for i, (t, _) in enumerate(tokens["l"][0]) if t == 48136)
+    ids = [t for t, _ in tokens["l"][0]]
+    weights = next(text.parameters()).dtype
+    fast = e4t.fast_dtype(device, weights)
+    rows = []
+    with torch.inference_mode():
+        encoder = e4t.SlotEncoder(text, e4t.input_embeddings(text, ids, {}, fast, device), [pos])
+        for n in args.sample_batch:
+            words = torch.randn(n, text.embeddings.token_embedding.weight.shape[1], device=device)
+            spliced = {"l": [[(w, 1.0) if i == pos else e for i, e in enumerate(tokens["l"][0])] for w in words]}
+            host = lambda: clip.encode_from_tokens(spliced)                       # noqa: E731
+            slot = lambda: encoder(words)                                          # noqa: E731
+            t_host, t_slot = timed(host, device, args.repeats * 3), timed(slot, device, args.repeats * 3)
+            err = (slot().float() - host().reshape(n, 77, -1).to(device)).abs().max().item()
+            rows.append((f"text encoding per step, {n} image(s), weights {str(weights)[6:]}, slot at {pos}",
+                         f"before: ComfyUI's own {t_host * 1e3:.1f} ms", f"from the slot on ({str(fast)[6:]}) "
+                         f"{t_slot * 1e3:.1f} ms", f"ratio {t_slot / t_host:.2f}x", f"max abs diff {err:.1e}"))
+    return rows
+
+
 def bench(args):
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.parts == ["text"]:
+        return text_timing(args)
     s = Setup(args.tiny, device, dtype, args.channels_last)
     s.res = args.resolution or s.res
     rows = []
@@ -150,6 +216,10 @@ def bench(args):
         rows += sampling(s, device, dtype, args)
     if "load" in args.parts:
         rows.append(loading(s, args))
+    if "ops" in args.parts:
+        rows += op_counts(s, device, args)
+    if "text" in args.parts:
+        rows += text_timing(args)
     return rows
 
 
@@ -249,7 +319,7 @@ def sampling_at(s, device, dtype, args, n):
     def ours():
         with autocast:
             w = e4t.predict_embedding(folded, s.unet, x, t, empty, s.e_domain, 0.1)
-            cond = s.text_encode(["p"] * n, w)
+            cond = s.slot_encoder(w).to(empty)                  # as the hosts re-encode: from the slot on
             s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
 
     @torch.no_grad()
@@ -284,6 +354,66 @@ def sampling_at(s, device, dtype, args, n):
     return rows
 
 
+def op_counts(s, device, args):
+    """Dispatched operations (≈ GPU kernel launches) per sampling step and per tune step, on any device;
+    the 'before' columns are the code paths issue 17 replaced, still available for comparison."""
+    rows = []
+    n = args.sample_batch[0]
+    x = torch.randn(n, 4, s.res // 8, s.res // 8, device=device)
+    t = torch.full((n,), 500.0, device=device)
+    empty = s.empty.expand(n, -1, -1)
+    folded = s.encoder.fold(s.encoder.image_features(s.image[None]))
+    words = s.e_domain.to(device).expand(n, -1)
+    with torch.inference_mode(False):       # the U-Net's weights as the webui holds them: normal tensors
+        for module in s.unet.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    with torch.inference_mode():
+        full = lambda: s.text_encode(["p"] * n, words)                             # noqa: E731
+        slot = lambda: s.slot_encoder(words)                                       # noqa: E731
+        plain = lambda: s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, empty]))  # noqa: E731
+        feature = lambda: e4t.predict_embedding(folded, s.unet, x, t, empty, s.e_domain, 0.1)  # noqa: E731
+        tokens = s.clip.tokenize("a photo of sks")
+        spliced = {"l": [[(w, 1.0) if i == int(s.pos) else e for i, e in enumerate(tokens["l"][0])] for w in words]}
+        host = lambda: s.clip.encode_from_tokens(spliced)                           # noqa: E731
+        host()                                                                      # loads the CLIP
+        rows.append((f"ops: text encoding per step, {n} image(s), slot at {int(s.pos)}",
+                     f"before: ComfyUI's own encoding {ops(host)} ops, {flops(host) / 1e9:.3f} GFLOP",
+                     f"engine, whole prompt {ops(full)} ops, {flops(full) / 1e9:.3f} GFLOP",
+                     f"from the slot on {ops(slot)} ops, {flops(slot) / 1e9:.3f} GFLOP", ""))
+        o_plain, o_feat, o_text = ops(plain), ops(feature), ops(slot)
+        rows.append((f"ops: sampling step, {n} image(s), CFG", f"plain U-Net {o_plain}",
+                     f"E4T {o_plain + o_feat + o_text} (feature pass + heads {o_feat}, text {o_text})",
+                     f"ratio {(o_plain + o_feat + o_text) / o_plain:.2f}x", "before (ComfyUI's own text encoding) "
+                     f"{o_plain + o_feat + ops(host)}"))
+        # the A1111 extension's hooks with a concept that trains every U-Net weight
+        hooks = a1111_hooks()
+        g = torch.Generator().manual_seed(0)
+        delta = {k: torch.randn(p.shape, generator=g).to(device, p.dtype) * 1e-3 for k, p in s.unet.named_parameters()}
+        offsets = {k: d.detach().to(device) for k, d in s.offsets.deltas().items()}
+        h = hooks.WeightHooks(s.unet, offsets, delta, 1.0).apply()
+        try:
+            plain()                                                                   # fills the cache
+            o_cached = ops(plain)
+            original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+            try:
+                o_uncached = ops(plain)
+            finally:
+                hooks._weight_key = original
+        finally:
+            h.remove()
+        rows.append(("ops: A1111 U-Net call (CFG) with a trains-all concept", f"no E4T {o_plain}",
+                     f"weight changes cached {o_cached}", f"before (recomputed per call) {o_uncached}",
+                     f"{len(h.parts)} hooked modules"))
+    with s.e4t_weights_on_cpu():
+        memory, trains = args.tunes[0]
+        per_run = [ops(lambda: s.tune(k, args.batch, memory, trains)) for k in (1, 2)]
+    rows.append((f"ops: tune step, batch {args.batch}, {memory}, trains {trains}", f"{per_run[1] - per_run[0]} per step",
+                 f"setup + 1 step {per_run[0]}", "", ""))
+    return rows
+
+
 def loading(s, args):
     # --- loading an E4T .safetensors vs reading its bytes (warm page cache for both) ---
     with tempfile.TemporaryDirectory() as tmp:
@@ -310,7 +440,7 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss")
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss, ops, text")
     p.add_argument("--resolution", type=int, help="tuning resolution (default: 512, tiny 64)")
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")
@@ -318,6 +448,7 @@ def main():
     p.add_argument("--sample-batch", default="1", help="comma-separated images per prompt for the sampling rows")
     args = p.parse_args()
     args.tunes = [tuple(pair.split(":")) for pair in args.tunes.split(",")]
+    args.parts = args.parts.split(",")
     args.sample_batch = [int(n) for n in args.sample_batch.split(",")]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     rows = bench(args)

@@ -39,7 +39,7 @@ from .refinement import Refinement, predict_embedding, unet_features
 from .sampling import ddim
 from .seeding import seeded
 from . import validate
-from .text import MARKERS, WordInjector, domain_embedding, encode_with_word
+from .text import MARKERS, SlotEncoder, WordInjector, domain_embedding, encode_with_word, fast_dtype, input_embeddings
 from .precision import Precision, training_precision
 from .clip_skip import clip_layers
 from .memory import available_memory, memory_mode, tune_peak
@@ -49,7 +49,8 @@ __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileErro
            "source_sha256", "check_base", "Compression", "read_header",
            "read_published_config", "read_tensors", "PickleRefused", "walk", "pixels_sha256", "pil_to_tensor", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
-           "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word",
+           "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word", "SlotEncoder",
+           "input_embeddings", "fast_dtype",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_mode", "memory_settings", "tune_peak", "available_memory", "MEMORY_MODES", "base_fingerprint", "CompactAdamW",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",
            "CASCADES", "line_plot", "scatter_plot", "sd1_alphas_cumprod", "alphas_cumprod_of", "seeded", "validate", "clip_layers", "base_weights_notice"]

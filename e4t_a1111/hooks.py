@@ -10,6 +10,11 @@ the order the ComfyUI pack uses. Linear and Conv2d layers are linear in their we
 adds layer(x; W' − W, s·D_bias) to the output; GroupNorm and LayerNorm recompute the output with
 W' and b + s·D_bias. Removing the hooks leaves every module exactly as it was.
 
+What a hook adds is computed once per module and weight version, not on every call: s·D does not
+depend on W, and (W + s·D)(1 + s·ΔW) − W is recomputed only when W's identity or in-place version
+changes (Lora writes its weights in place on a module's first call of a job). Kept on the device of
+the hooks' storage only: in low-VRAM mode (storage on the CPU) nothing is kept on the GPU.
+
 Pure torch: no webui import, so it is testable on any CompVis-layout U-Net.
 """
 import torch
@@ -85,9 +90,34 @@ class WeightHooks:
 
 
 def _bind(hook, store, strength):
+    cache = {}                                     # per module: {"key": ..., "value": ...}, the latest only
+
     def bound(module, args, out):
-        return hook(module, args, out, store, strength)
+        return hook(module, args, out, store, strength, cache)
     return bound
+
+
+def _weight_key(module, x: torch.Tensor, store: dict):
+    """What the hook's precomputed tensors depend on, or None where they must not be kept."""
+    held = next(iter(store.values()))
+    if held.device != x.device:                  # low VRAM: the store stays on the CPU, keep nothing on the GPU
+        return None
+    if "offset" not in store and not isinstance(module, NORMS):
+        return (x.device, x.dtype)               # s·D and s·D_bias only: W does not enter
+    held_now = [module.weight] + ([module.bias] if isinstance(module, NORMS) and module.bias is not None else [])
+    try:
+        versions = tuple((id(t), t.data_ptr(), t._version) for t in held_now)
+    except RuntimeError:                         # inference tensors keep no version counter: never cache
+        return None
+    return (x.device, x.dtype) + versions
+
+
+def _cached(cache: dict, key, compute):
+    if key is None:
+        return compute()
+    if cache.get("key") != key:
+        cache["key"], cache["value"] = key, compute()
+    return cache["value"]
 
 
 def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -105,27 +135,39 @@ def weight_change(weight: torch.Tensor, store: dict, strength: float) -> torch.T
     return change
 
 
-def _linear_hook(module, args, out, store, strength):
+def _linear_hook(module, args, out, store, strength, cache):
     x = args[0]
-    change = weight_change(module.weight, store, strength)
-    bias = store.get("bias")
-    bias = None if bias is None else strength * _on(bias, x).to(x.dtype)
+    change, bias = _cached(cache, _weight_key(module, x, store), lambda: _linear_parts(module, x, store, strength))
     if change is None:                       # a tuned bias only
         return out + (bias if isinstance(module, nn.Linear) else bias[:, None, None]).to(out.dtype)
     if isinstance(module, nn.Linear):
-        extra = F.linear(x, change.to(x.dtype), bias)
+        extra = F.linear(x, change, bias)
     else:
-        extra = module._conv_forward(x, change.to(x.dtype), bias)
+        extra = module._conv_forward(x, change, bias)
     return out + extra.to(out.dtype)
 
 
-def _norm_hook(module, args, out, store, strength):
-    x = args[0].float()
+def _linear_parts(module, x, store, strength):
+    """(W' − W, s·D_bias) in the input's dtype, either None."""
+    change = weight_change(module.weight, store, strength)
+    bias = store.get("bias")
+    bias = None if bias is None else strength * _on(bias, x).to(x.dtype)
+    return (None if change is None else change.to(x.dtype)), bias
+
+
+def _norm_parts(module, x, store, strength):
+    """(W', b') in fp32."""
     change = weight_change(module.weight, store, strength)
     weight = module.weight.float() + (0 if change is None else change)
     bias = module.bias.float() if module.bias is not None else torch.zeros_like(weight)
     if "bias" in store:
         bias = bias + strength * _on(store["bias"], x).float()
+    return weight, bias
+
+
+def _norm_hook(module, args, out, store, strength, cache):
+    x = args[0].float()
+    weight, bias = _cached(cache, _weight_key(module, x, store), lambda: _norm_parts(module, x, store, strength))
     if isinstance(module, nn.GroupNorm):
         y = F.group_norm(x, module.num_groups, weight, bias, module.eps)
     else:

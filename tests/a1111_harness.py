@@ -698,6 +698,33 @@ def test_offsets_stack_with_lora_and_are_removed():
 
 
 @case()
+def test_weight_cache_gives_bit_identical_images():
+    """The hooks' cached weight changes (once per module and weight version) against computing them on every
+    call: identical images, also when a LoRA is applied and removed between jobs (Lora edits in place)."""
+    import numpy as np
+    from e4t_a1111 import hooks
+    prompts = ["a photo of *s <lora:e4ttest:1>", "a photo of *s", "a photo of *s <lora:e4ttest:1>"]
+
+    def run(prompt):
+        _, res = generate(prompt, concept_args(), steps=3)
+        return np.asarray(res.images[0]).copy()
+
+    cached = [run(prompt) for prompt in prompts]
+    original = hooks._weight_key
+    hooks._weight_key = lambda *args: None                  # every call computes W' - W afresh
+    try:
+        uncached = [run(prompt) for prompt in prompts]
+    finally:
+        hooks._weight_key = original
+    for prompt, a, b in zip(prompts, cached, uncached):
+        check(np.array_equal(a, b), f"{prompt!r}: the image with cached weight changes differs from the uncached one "
+                                    f"by up to {np.abs(a.astype(int) - b.astype(int)).max()}")
+    check(not np.array_equal(cached[0], cached[1]), "the LoRA changed nothing: the case cannot tell")
+    check(np.array_equal(cached[0], cached[2]), "the LoRA job after a job without it gave another image")
+    return {"jobs": len(prompts) * 2}
+
+
+@case()
 def test_failed_setup_fails_the_job_with_a_clear_message():
     from e4t_a1111 import sampling
     hooks_before = hook_count()

@@ -102,6 +102,10 @@ def test_offsets_stack_with_lora_and_are_removed(webui):
     details(webui, "test_offsets_stack_with_lora_and_are_removed")
 
 
+def test_weight_cache_gives_bit_identical_images(webui):
+    details(webui, "test_weight_cache_gives_bit_identical_images")
+
+
 def test_failed_setup_fails_the_job_with_a_clear_message(webui):
     details(webui, "test_failed_setup_fails_the_job_with_a_clear_message")
 

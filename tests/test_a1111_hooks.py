@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,3 +117,69 @@ def test_mismatched_weights_are_a_clear_error(unet, bad):
     wrong = {key: torch.zeros(3, 3)} if bad == "shape" else {"input_blocks.99.1.proj_in.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="SD1.x"):
         hooks.WeightHooks(unet, {}, wrong, 1.0)
+
+
+def _plain_copy(unet):
+    """A copy whose tensors are ordinary (the fixture's are inference tensors, which keep no version)."""
+    with torch.inference_mode(False):
+        m = copy.deepcopy(unet)
+        for p in list(m.parameters()) + list(m.buffers()):
+            p.data = p.data.clone()
+    return m
+
+
+def test_weight_changes_are_computed_once_per_weight_version(unet, monkeypatch):
+    """Repeated calls reuse W' − W (one computation per module), bit-identical to computing it every call."""
+    hooks = load_hooks()
+    unet = _plain_copy(unet)
+    offsets, delta = concept(unet)
+    x, t, ctx = inputs()
+    calls = []
+    compute = hooks.weight_change
+    monkeypatch.setattr(hooks, "weight_change", lambda *a: calls.append(1) or compute(*a))
+    with torch.no_grad():
+        h = hooks.WeightHooks(unet, offsets, delta, 0.7).apply()
+        first, second = unet(x, t, ctx), unet(x, t, ctx)
+        h.remove()
+    n_modules = len(h.parts)
+    assert len(calls) == n_modules, f"{len(calls)} weight changes computed for {n_modules} hooked modules in 2 calls"
+    monkeypatch.setattr(hooks, "_weight_key", lambda *a: None)           # the uncached path
+    with torch.no_grad():
+        h = hooks.WeightHooks(unet, offsets, delta, 0.7).apply()
+        uncached = unet(x, t, ctx)
+        h.remove()
+    assert torch.equal(first, uncached) and torch.equal(second, uncached)
+
+
+def test_cached_weight_change_follows_in_place_edits():
+    """Lora writes weights in place (and restores them): the next call uses the weight as it is now."""
+    hooks = load_hooks()
+    g = torch.Generator().manual_seed(0)
+    lin, norm = torch.nn.Linear(6, 5), torch.nn.LayerNorm(6)
+    model = torch.nn.ModuleDict({"lin": lin, "norm": norm})
+    offsets = {"lin.weight": torch.randn(5, 6, generator=g) * 0.3}
+    delta = {"lin.weight": torch.randn(5, 6, generator=g) * 0.1, "norm.weight": torch.randn(6, generator=g) * 0.1,
+             "norm.bias": torch.randn(6, generator=g) * 0.1}
+    x = torch.randn(3, 6, generator=g)
+    lora = torch.randn(5, 6, generator=g)
+    with torch.no_grad():
+        h = hooks.WeightHooks(model, offsets, delta, 1.0).apply()
+        results = []
+        for edit in (None, "apply", "restore"):
+            if edit == "apply":
+                lin.weight.add_(lora)
+                norm.weight.mul_(1.5)
+                norm.bias.add_(0.25)
+            elif edit == "restore":
+                lin.weight.sub_(lora)
+                norm.weight.div_(1.5)
+                norm.bias.sub_(0.25)
+            got = (lin(x), norm(x))
+            w = (lin.weight + delta["lin.weight"]) * (1 + offsets["lin.weight"])
+            want = (F.linear(x, w, lin.bias), F.layer_norm(x, (6,), norm.weight + delta["norm.weight"],
+                                                            norm.bias + delta["norm.bias"]))
+            for a, b in zip(got, want):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"after {edit}: {(a - b).abs().max()}"
+            results.append(got)
+        h.remove()
+    assert not torch.equal(results[0][0], results[1][0]), "the in-place edit was not seen"

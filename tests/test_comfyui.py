@@ -380,21 +380,69 @@ def test_out_of_memory_says_what_fits_and_changes_nothing(host, monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
 
 
-def test_a_batch_of_refined_contexts_is_one_clip_call(host, monkeypatch):
-    """Each image of a batch has its own word; the rows are encoded together, each equal to its own encoding."""
+@pytest.mark.parametrize("text,skip", [("a photo of *s smiling", None), ("a (photo:1.2) of *s, " * 20, None),
+                                       ("a photo of a dog, " * 10 + "(*s:0.8) in the park", -2)])
+def test_refined_contexts_equal_comfyui_encoding_from_the_slot_on(host, monkeypatch, text, skip):
+    """Each image of a batch has its own word; the batch is encoded in one pass, each row equal (fp32, 1e-6)
+    to ComfyUI's own encoding of the prompt with that word (emphasis, two chunks, CLIP skip; 1e-6 of the
+    encoding's largest value: the host's attention kernel rounds differently), and per call
+    only the positions from each chunk's first slot on run through the layers."""
     import nodes
-    prompts = pack_module("nodes.prompt")
+    prompts, engine_text = pack_module("nodes.prompt"), pack_module("e4t.text")
     clip = nodes.NODE_CLASS_MAPPINGS["TinyCheckpointLoader"]().load("tiny")[1]
-    prompt = prompts.PlaceholderPrompt(clip, "a (photo:1.2) of *s, " * 20, "*s")      # weights, two chunks
+    if skip is not None:
+        clip = clip.clone()
+        clip.clip_layer(skip)
+    prompt = prompts.PlaceholderPrompt(clip, text, "*s")
     words = torch.randn(3, 32)
-    calls = []
+    calls, positions = [], []
     original = type(clip.cond_stage_model).encode_token_weights
     monkeypatch.setattr(type(clip.cond_stage_model), "encode_token_weights",
                         lambda self, tokens: calls.append(1) or original(self, tokens))
+    layer = engine_text._layer
     with torch.inference_mode():                                 # as nodes run
         singles = torch.cat([prompts.encode_tokens(clip, prompt.with_word(w)) for w in words])
+        prompt.context(words, "cpu")                             # the first call encodes what stays fixed
         calls.clear()
+        monkeypatch.setattr(engine_text, "_layer", lambda lyr, x, past=None, mask=None: positions.append(x.shape[1]) or
+                            layer(lyr, x, past, mask))
         batched = prompt.context(words, "cpu")
-    assert len(calls) == 1 and batched.shape == singles.shape and singles.shape[1] == 154
-    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    assert not calls, "ComfyUI's encoder ran per call"
+    assert batched.shape == singles.shape and batched.dtype == torch.float32
+    scale = float(singles.abs().max())                           # float rounding of other attention kernels
+    torch.testing.assert_close(batched, singles, rtol=1e-6, atol=1e-6 * scale)
     assert not torch.allclose(batched[0], batched[1])
+    first = {}
+    for c, i in prompt.slots:
+        first.setdefault(c, i)
+    n_layers = 1 if skip == -2 else 2                                   # the tiny CLIP has 2 layers
+    assert sorted(positions) == sorted([77 - i for i in first.values()] * n_layers), positions
+    if skip is None and len(first) == 1:
+        assert positions[0] < 77
+
+
+def test_half_precision_clip_on_the_cpu_is_encoded_in_fp32(host):
+    """ComfyUI keeps the CLIP in fp16 on the CPU (0.33) and computes in fp32; the per-step encoding runs in fp32
+    there too (fast on a CPU) and equals ComfyUI's own encoding."""
+    import inspect
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    from e4t import SlotEncoder, fast_dtype, input_embeddings
+    if "model_options" not in inspect.signature(comfy.sd.CLIP.__init__).parameters:
+        pytest.skip("this ComfyUI computes its CLIP in the weights' dtype")
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP), "dtype": torch.float16})
+        for p in clip.cond_stage_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        tm = text_model(clip)
+        tokens = clip.tokenize("a photo of sks")
+        words = torch.randn(2, 32, generator=g)
+        dtype = fast_dtype("cpu", next(tm.parameters()).dtype)
+        got = SlotEncoder(tm, input_embeddings(tm, [t for t, _ in tokens["l"][0]], {}, dtype, "cpu"), [4])(words)
+        want = torch.cat([clip.encode_from_tokens({"l": [[(w, 1.0) if i == 4 else e for i, e in enumerate(tokens["l"][0])]]})
+                          for w in words])
+    assert next(tm.parameters()).dtype == torch.float16 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

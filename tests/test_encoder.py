@@ -127,3 +127,34 @@ def test_text_encoding_with_word_equals_comfyui(clip):
         got_w = encode_with_word(tm, ids, word[None], torch.tensor([4]))
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5)
         assert (got_w - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("slots,n_layers", [([4], None), ([4, 9], None), ([30], 1), ([], None)])
+def test_slot_encoder_equals_encoding_the_whole_sequence(clip, slots, n_layers):
+    """Keys and values of the positions before the first slot, kept once, and the rest run per batch of words:
+    equal (fp32, 1e-6) to running every position for each word; the kept part really does not change."""
+    from e4t import SlotEncoder, input_embeddings
+    from tiny_models import text_model
+    tm = text_model(clip)
+    ids = torch.tensor([t for t, _ in clip.tokenize("a photo of a face in the park at night")["l"][0]])
+    words = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        encoder = SlotEncoder(tm, input_embeddings(tm, ids, {}, torch.float32, "cpu"), slots, n_layers)
+        got = encoder(words)
+        x = tm.embeddings.token_embedding(ids)[None].repeat(3, 1, 1)
+        for s in slots:
+            x[:, s] = words
+        x = x + tm.embeddings.position_embedding.weight[:77]
+        for layer in tm.encoder.layers[: n_layers or len(tm.encoder.layers)]:
+            x = x + layer.self_attn(layer.layer_norm1(x), torch.full((77, 77), float("-inf")).triu_(1),
+                                    lambda q, k, v, heads, mask: F.scaled_dot_product_attention(
+                                        *(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)),
+                                        attn_mask=mask).transpose(1, 2).flatten(2))
+            x = x + layer.mlp(layer.layer_norm2(x))
+        want = tm.final_layer_norm(x)
+        if not slots:
+            got = got.expand(3, -1, -1)
+        else:
+            assert encoder.start == slots[0] and not torch.equal(got[0], got[1])
+    assert got.shape == (3, 77, 32)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))

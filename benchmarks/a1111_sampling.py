@@ -1,0 +1,86 @@
+"""A1111 sampling time with a concept that trains all U-Net weights ÷ without E4T, inside a real webui.
+
+Runs under the webui's Python with the test harness's random-weight models (tests/a1111_harness.py; a
+fresh --data folder builds them), headless on the CPU:
+
+    HF_HOME=/work/hosts/hf-cache /work/hosts/venv-a1111/bin/python benchmarks/a1111_sampling.py \
+        --webui /work/hosts/stable-diffusion-webui --data /tmp/a1111-bench [--channels 32] [--size 64]
+
+A step's time is the median interval between consecutive denoiser callbacks of one job (CPU time of the
+process, and wall time), so loading, VAE and the first step are left out. Jobs: no E4T; E4T with a prompt
+without the placeholder (weight hooks only); E4T with the placeholder (hooks, per-step w, re-encoding); the
+same with the hooks' weight-change cache off (every call recomputes W' − W, as before issue 17).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import closing
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import a1111_harness as H  # noqa: E402
+
+STAMPS = []
+
+
+def stamp(params):
+    STAMPS.append((time.perf_counter(), time.process_time()))
+
+
+def job(prompt, e4t_args, steps, size):
+    from modules import processing
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=H.ENV.sd_model, prompt=prompt, negative_prompt="", sampler_name="Euler", steps=steps, cfg_scale=7.0,
+        width=size, height=size, seed=1234, batch_size=1, n_iter=1, do_not_save_samples=True, do_not_save_grid=True,
+        outpath_samples=os.path.join(H.ENV.data, "outputs"), outpath_grids=os.path.join(H.ENV.data, "outputs"))
+    p.script_args = list(e4t_args)
+    p.scripts = H.runner(e4t_args)
+    STAMPS.clear()
+    with closing(p):
+        processing.process_images(p)
+    wall = statistics.median(b[0] - a[0] for a, b in zip(STAMPS, STAMPS[1:]))
+    cpu = statistics.median(b[1] - a[1] for a, b in zip(STAMPS, STAMPS[1:]))
+    return wall, cpu
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--webui", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--channels", type=int, default=32, help="U-Net model_channels of the random checkpoint")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if args.channels != 32:
+        H.TINY_YAML = H.TINY_YAML.replace("model_channels: 32", f"model_channels: {args.channels}")
+    H.start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), "normal")
+    from modules import script_callbacks
+    from e4t_a1111 import hooks
+    script_callbacks.on_cfg_denoiser(stamp, name="e4t-bench-stamp")
+    cases = [("no E4T", "a photo of *s", (False, None, 1.0, 0)),
+             ("E4T, weights only", "a photo of a cat", H.concept_args()),
+             ("E4T, refined", "a photo of *s", H.concept_args())]
+    rows = {}
+    for _ in range(args.repeats):
+        for name, prompt, e4t_args in cases:
+            rows.setdefault(name, []).append(job(prompt, e4t_args, args.steps, args.size))
+        original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+        try:
+            rows.setdefault("E4T, refined, no weight cache", []).append(job("a photo of *s", H.concept_args(),
+                                                                            args.steps, args.size))
+        finally:
+            hooks._weight_key = original
+    params = sum(p.numel() for p in H.ENV.unet.parameters())
+    print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, {args.size} px, Euler CFG 7, {args.steps} steps, "
+          f"trains-all concept; median step of the best of {args.repeats} jobs (CPU)\n")
+    print("| job | wall ms/step | CPU ms/step | CPU ratio to no E4T |\n|---|---|---|---|")
+    base = min(c for _, c in rows["no E4T"])
+    for name, found in rows.items():
+        wall, cpu = min(w for w, _ in found), min(c for _, c in found)
+        print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {cpu / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
