@@ -18,6 +18,17 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# CI=true: a host, browser or tool the tests need must be there; its absence fails the run instead of
+# skipping the tests that need it (CI must never pass by testing less).
+CI = os.environ.get("CI") == "true"
+
+
+def host_missing(reason, module=False):
+    """Skips (a developer's machine without that host) or, under CI=true, fails with the reason."""
+    if CI:
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=module)
+
 
 @pytest.fixture(scope="session")
 def comfy():
