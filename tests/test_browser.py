@@ -28,7 +28,6 @@ import urllib.request
 
 import pytest
 
-from conftest import host_missing
 from tiny_models import comfy_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,12 +44,12 @@ READABLE = 0.8
 WARN_COLOR = "#7a3b1e"
 
 if not os.path.exists(CHROMIUM):
-    host_missing(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", module=True)
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)
 try:
     from playwright.sync_api import sync_playwright
 except ImportError:
-    host_missing("the playwright package is not installed (pip install playwright; no `playwright install`)",
-                 module=True)
+    pytest.skip("the playwright package is not installed (pip install playwright; no `playwright install`)",
+                allow_module_level=True)
 
 
 def front_end():

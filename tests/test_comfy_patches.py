@@ -103,6 +103,7 @@ def test_sd2_shaped_weights_are_refused_clearly(host):
         patches.add_e4t_patches(m, wrong, {}, 1.0)
 
 
+@pytest.mark.comfy_feature("comfy/weight_adapter")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     """LowVramPatch runs comfy.lora.calculate_weight per layer call on the weight in its compute
@@ -110,8 +111,6 @@ def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     import comfy.lora
     import comfy.sd
     patches = pack_module("nodes.patches")
-    if patches.WeightAdapterBase is None:
-        pytest.skip("this ComfyUI has no weight adapters (dynamic VRAM is newer)")
     model = tiny_model(seed=5)
     lora, d_lora = lora_for(model, KEY)
     deltas = deltas_for(model)
