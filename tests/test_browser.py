@@ -147,7 +147,7 @@ def server(request):
     request.addfinalizer(stop)
 
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         if proc.poll() is not None:
             pytest.fail(f"ComfyUI exited with {proc.returncode}:\n{_log_tail(log_path)}")
@@ -158,7 +158,7 @@ def server(request):
         except OSError:
             pass
         if time.time() > deadline:
-            pytest.fail(f"ComfyUI did not answer /system_stats in 120 s:\n{_log_tail(log_path)}")
+            pytest.fail(f"ComfyUI did not answer /system_stats in 300 s:\n{_log_tail(log_path)}")
         time.sleep(0.25)
     text = _log_tail(log_path, 10 ** 7)
     failed = [line for line in text.splitlines() if "(IMPORT FAILED)" in line]
@@ -395,6 +395,27 @@ def test_placeholder_warning(page):
     type_text(page, node_id, WITH_PLACEHOLDER)
     assert status_shown(page, node_id) is None
     assert color(page, node_id) == before
+
+
+EXECUTED = """([id, warnings]) => {
+    // As the server reports an executed E4T Text Encode: its "ui" output, under the node id as a string.
+    window.__e4tApi.dispatchEvent(new CustomEvent("executed", {detail: {node: String(id),
+        display_node: String(id), output: {e4t_warning: warnings}, prompt_id: null}}));
+}"""
+
+
+def test_placeholder_warning_from_the_run(page):
+    """The prompt as it ran can lack the placeholder while the widget shows it (dynamic prompts such as
+    {*s|a man}, a text input): the server's warning shows too, until a run without it."""
+    load(page, WORKFLOWS[0])
+    node_id = _first(page, "E4TTextEncode")
+    page.evaluate(FIT)
+    assert status_shown(page, node_id) is None
+    page.evaluate(EXECUTED, [node_id, ["the prompt has no placeholder '*s': E4T will not change it"]])
+    shown = status_shown(page, node_id)
+    assert shown and "no *s in the text run" in shown, shown
+    page.evaluate(EXECUTED, [node_id, []])
+    assert status_shown(page, node_id) is None
 
 
 TUNE_EVENT = """([id, step, loss]) => {

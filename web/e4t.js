@@ -49,7 +49,6 @@ function showStatus(node, label, text) {
 function checkPlaceholder(node) {
   const missing = placeholderMissing(node);
   const placeholder = widgetValue(node, "placeholder", "*s");
-  node.e4tWarning = missing ? `no "${placeholder}" in the text: E4T will not change it` : null;
   if (missing === node.e4tWasMissing) return;
   node.e4tWasMissing = missing;
   // Not while a frame is drawn: the 2024 front end puts node.bgcolor back after each drawNode.
@@ -65,8 +64,7 @@ app.registerExtension({
     api.addEventListener("e4t.tune", ({ detail }) => {
       const node = app.graph?.getNodeById(detail.node);   // ids are numbers (2024) or strings (current)
       if (!node) return;
-      node.e4tStatus = `step ${detail.step}/${detail.total} · loss ${Number(detail.loss).toFixed(4)}`;
-      showStatus(node, "E4T tune", node.e4tStatus);
+      showStatus(node, "E4T tune", `step ${detail.step}/${detail.total} · loss ${Number(detail.loss).toFixed(4)}`);
     });
   },
   async nodeCreated(node) {
@@ -96,9 +94,13 @@ app.registerExtension({
     };
     setTimeout(() => checkPlaceholder(node));   // once the loaded workflow has set the text
     const executed = node.onExecuted;
-    node.onExecuted = function (message) {
+    node.onExecuted = function (message) {   // the text as it ran (dynamic prompts, a text input) may differ
       executed?.apply(this, arguments);
-      if (message?.e4t_warning?.length) this.e4tWarning = message.e4t_warning[0];
+      if (message?.e4t_warning?.length) {
+        showStatus(this, "⚠ E4T", `no ${widgetValue(this, "placeholder", "*s")} in the text run`);
+      } else if (!this.e4tWasMissing) {
+        showStatus(this, "⚠ E4T", null);
+      }
     };
   },
 });
