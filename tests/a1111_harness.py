@@ -1,13 +1,16 @@
 """Runs the E4T extension inside a real A1111 1.10 checkout, headless on CPU, with tiny random models.
 
-Started by tests/test_a1111.py with the webui's own Python (3.10, its torch):
+Started by tests/test_a1111.py with the webui's own Python (its venv, its torch):
 
-    python tests/a1111_harness.py --webui A1111_PATH --data DATA_DIR --mode normal|medvram|lowvram
+    python tests/a1111_harness.py --webui A1111_PATH --data DATA_DIR --mode normal|medvram|lowvram [--only CASE ...]
 
-DATA_DIR is a fresh webui data folder: the extension is linked into DATA_DIR/extensions/e4t, a
-tiny SD1 checkpoint (the webui's own ldm classes, context width 64), tiny E4T weights and a tiny
-concept are written under it. Each case prints one line `E4T-RESULT {"case": ..., "ok": ..., ...}`.
-Needs the offline CLIP tokenizer cache in HF_HOME (see /work/hosts/a1111_smoke.py).
+Everything it needs is made at run time from the repository and the webui's own packages: DATA_DIR is a
+fresh webui data folder (--data-dir, so the checkout is never written to) with the extension linked into
+DATA_DIR/extensions/e4t; a tiny SD1 checkpoint (the webui's own ldm classes, context width 64) whose CLIP
+tokenizer files are written from the BPE merges inside the open_clip_torch wheel (no Hugging Face cache,
+no network), tiny E4T weights and a tiny concept. Each case sets up what it needs, so cases run in any
+order or alone (--only, in the order given). Each case prints one line
+`E4T-RESULT {"case": ..., "ok": ..., ...}`.
 """
 import argparse
 import json
@@ -85,18 +88,55 @@ TINY_YAML = """model:
 """
 
 
+def _bytes_to_unicode():
+    """GPT-2/CLIP byte-level BPE alphabet: every byte maps to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_clip_tokenizer(folder):
+    """OpenAI CLIP's tokenizer files (vocab.json, merges.txt, configs) built from the BPE merges shipped in
+    the open_clip_torch wheel, the same 49 408 tokens: what transformers' CLIPTokenizer reads offline."""
+    import gzip
+    import open_clip
+    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(bpe) as f:
+        lines = f.read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    alphabet = _bytes_to_unicode()
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + \
+        ["<|startoftext|>", "<|endoftext|>"]
+    check(len(vocab) == 49408, f"open_clip's BPE gave {len(vocab)} tokens, not CLIP's 49408")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({**special, "model_max_length": 77, "do_lower_case": True, "add_prefix_space": False,
+                   "errors": "replace", "tokenizer_class": "CLIPTokenizer"}, f)
+
+
 def build_tiny_checkpoint(data, seed=0):
-    """The smoke script's recipe: a tiny random SD1 checkpoint from the webui's own ldm classes."""
+    """A tiny random SD1 checkpoint from the webui's own ldm classes, with its tiny CLIP in a folder."""
     import safetensors.torch
     import torch
     from omegaconf import OmegaConf
     from transformers import CLIPTextConfig, CLIPTextModel
     from ldm.util import instantiate_from_config
-    snap = os.path.join(os.environ["HF_HOME"], "hub/models--openai--clip-vit-large-patch14/snapshots", "0" * 40)
     clip_dir = os.path.join(data, "tiny", "tiny-clip")
-    os.makedirs(clip_dir, exist_ok=True)
-    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(snap, f), clip_dir)
+    write_clip_tokenizer(clip_dir)
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
@@ -178,8 +218,8 @@ ENV = Env()
 
 def start_webui(webui, data, mode):
     os.environ["IGNORE_CMD_ARGS_ERRORS"] = "1"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"   # nothing is downloaded
+    os.environ["HF_HOME"] = os.path.join(data, "hf")       # and no user's cache is read: empty
     ext = os.path.join(data, "extensions", EXT_NAME)
     os.makedirs(os.path.dirname(ext), exist_ok=True)
     if not os.path.lexists(ext):
@@ -371,8 +411,9 @@ def test_extension_is_discovered():
     r.initialize_scripts(is_img2img=False)
     check("E4T" in [s.title() for s in r.alwayson_scripts], "E4T is not an always-on txt2img script")
     _, _, store, _, _ = e4t_modules()
-    check(store.names(store.CONCEPT) == ["tiny-concept"], f"concepts listed: {store.names(store.CONCEPT)}")
-    check(store.names(store.WEIGHTS) == ["tiny-e4t"], f"weights listed: {store.names(store.WEIGHTS)}")
+    concepts, weights = store.names(store.CONCEPT), store.names(store.WEIGHTS)   # (other cases add tuned ones)
+    check("tiny-concept" in concepts and "tiny-e4t" not in concepts, f"concepts listed: {concepts}")
+    check("tiny-e4t" in weights and "tiny-concept" not in weights, f"weights listed: {weights}")
     return {"extensions": names}
 
 
@@ -435,7 +476,6 @@ def _run_swap(sampler, steps, batch=1, **kw):
     info = res.info
     check("E4T: tiny-concept" in info and "E4T strength: 1.0" in info and "E4T t_stop: 0" in info,
           f"infotext lacks E4T fields: {info}")
-    ENV.last_info = info
     return summary
 
 
@@ -859,6 +899,8 @@ def test_tune_with_automatic_face_mask():
 @case()
 def test_tab_and_script_ui_build_and_infotext_restores():
     from modules import infotext_utils, script_callbacks, scripts, shared, ui as webui
+    _, res = generate("a photo of *s", concept_args(), steps=2)      # an E4T image's infotext to paste
+    info = res.info
     t0 = time.time()
     demo = webui.create_ui()
     seconds = time.time() - t0
@@ -882,18 +924,18 @@ def test_tab_and_script_ui_build_and_infotext_restores():
             clicks.append(fn)
     infotext_utils.connect_paste(Button(), list(scripts.scripts_txt2img.infotext_fields), None, None, "txt2img")
     outputs = [comp for comp, _ in scripts.scripts_txt2img.infotext_fields]
-    updates = dict(zip([getattr(c, "elem_id", None) for c in outputs], clicks[0](ENV.last_info)))
+    updates = dict(zip([getattr(c, "elem_id", None) for c in outputs], clicks[0](info)))
     pasted = {k: updates[f"script_txt2img_e4t_e4t_{k}"].get("value") for k in ("enabled", "concept", "strength", "t_stop")}
     check(pasted["enabled"] is True and pasted["concept"] == "tiny-concept" and float(pasted["strength"]) == 1.0
           and float(pasted["t_stop"]) == 0, f"the webui's paste set {pasted}")
     check("e4t_keep_weights_loaded" in shared.opts.data_labels, "settings section missing")
     # paste: the infotext of an E4T image turns E4T on with its concept, strength and t_stop
-    params = infotext_utils.parse_generation_parameters(ENV.last_info)
-    script_callbacks.infotext_pasted_callback(ENV.last_info, params)
+    params = infotext_utils.parse_generation_parameters(info)
+    script_callbacks.infotext_pasted_callback(info, params)
     check(params.get("E4T enabled") is True and params.get("E4T") == "tiny-concept" and
           float(params.get("E4T strength")) == 1.0 and int(params.get("E4T t_stop")) == 0, f"pasted: {params}")
     # a renamed concept is found by the hash recorded in the infotext
-    renamed = ENV.last_info.replace("E4T: tiny-concept", "E4T: old-name")
+    renamed = info.replace("E4T: tiny-concept", "E4T: old-name")
     params = infotext_utils.parse_generation_parameters(renamed)
     script_callbacks.infotext_pasted_callback(renamed, params)
     check(params.get("E4T") == "tiny-concept", f"hash lookup failed: {params.get('E4T')}")
@@ -1051,8 +1093,11 @@ def main():
     t0 = time.time()
     start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), args.mode)
     print(f"\nE4T-HARNESS webui ready in {time.time() - t0:.1f}s", flush=True)
-    for name, (fn, modes) in CASES.items():
-        if args.mode not in modes or (args.only and name not in args.only):
+    unknown = [name for name in args.only or () if name not in CASES]
+    check(not unknown, f"no such cases: {unknown}")
+    for name in args.only or CASES:
+        fn, modes = CASES[name]
+        if args.mode not in modes:
             continue
         t = time.time()
         try:

@@ -88,6 +88,7 @@ def test_offsets_computed_while_another_clone_is_patched(host):
     torch.testing.assert_close(patched_weight(second).cpu(), w0 * (1 + 0.5 * d), **patch_tolerance(second))
 
 
+@pytest.mark.comfy_feature("comfy/weight_adapter")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     """LowVramPatch runs comfy.lora.calculate_weight per layer call on the weight in its compute
@@ -95,8 +96,6 @@ def test_adapter_called_like_the_dynamic_vram_patcher(host, dtype):
     import comfy.lora
     import comfy.sd
     patches = pack_module("nodes.patches")
-    if patches.WeightAdapterBase is None:
-        pytest.skip("this ComfyUI has no weight adapters (dynamic VRAM is newer)")
     model = tiny_model(seed=5)
     lora, d_lora = lora_for(model, KEY)
     deltas = deltas_for(model)

@@ -421,6 +421,7 @@ def test_refined_contexts_equal_comfyui_encoding_from_the_slot_on(host, monkeypa
         assert positions[0] < 77
 
 
+@pytest.mark.comfy_feature("comfy/weight_adapter")      # trees of 2025 on; their CLIP takes model_options
 def test_half_precision_clip_on_the_cpu_is_encoded_in_fp32(host):
     """ComfyUI keeps the CLIP in fp16 on the CPU (0.33) and computes in fp32; the per-step encoding runs in fp32
     there too (fast on a CPU) and equals ComfyUI's own encoding."""
@@ -429,8 +430,7 @@ def test_half_precision_clip_on_the_cpu_is_encoded_in_fp32(host):
     import comfy.sd1_clip
     import comfy.supported_models_base
     from e4t import SlotEncoder, fast_dtype, input_embeddings
-    if "model_options" not in inspect.signature(comfy.sd.CLIP.__init__).parameters:
-        pytest.skip("this ComfyUI computes its CLIP in the weights' dtype")
+    assert "model_options" in inspect.signature(comfy.sd.CLIP.__init__).parameters
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
