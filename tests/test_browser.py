@@ -39,7 +39,7 @@ E4T_TYPES = ("E4TLoader", "E4TApply", "E4TTextEncode", "E4TPersonalize", "E4TSav
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
-VIEWPORT = {"width": 2200, "height": 1100}      # the example workflows are 2200 units wide: scale ~0.9
+VIEWPORT = {"width": 2500, "height": 1200}      # the example workflows are up to 2500 units wide: scale >= 0.85
 READABLE = 0.8
 WARN_COLOR = "#7a3b1e"
 
@@ -87,7 +87,7 @@ def _user_files(tmp, models):
     from PIL import Image
     from tiny_models import write_published
     folders = {}
-    for kind, name in (("checkpoints", "v1-5-pruned-emaonly.safetensors"), ("loras", "my_style.safetensors")):
+    for kind, name in (("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"), ("loras", "my_style.safetensors")):
         folders[kind] = os.path.join(tmp, "models", kind)
         os.makedirs(folders[kind], exist_ok=True)
         open(os.path.join(folders[kind], name), "wb").close()
