@@ -32,8 +32,8 @@ def main(argv=None):
                      help="embedding regulariser of the tune (published 1e-4; the E4T file's is its pre-training λ)")
     per.add_argument("--trains", choices=["all", "attention"], default="all")
     per.add_argument("--memory", choices=["auto", "fast", "low_vram"], default="auto",
-                     help="low_vram: checkpointing, micro-batches of 4, bf16 Adam moments; auto: fast on the CPU and "
-                          "on GPUs of 46 GiB or more")
+                     help="low_vram: the same recipe without fp32 copies (README: memory modes); auto: the fastest mode "
+                          "whose estimated peak fits the device")
     per.add_argument("--resolution", type=int, help="tuning and image size (default 512; 64 with --tiny)")
     per.add_argument("--sample-steps", type=int, help="DDIM steps per image (default 25; 10 with --tiny)")
     per.add_argument("--guidance", type=float, default=7.5)

@@ -77,7 +77,7 @@ def tab():
                     lr = gr.Number(value=1.6e-5, label="Learning rate", elem_id="e4t_lr")
                     reg = gr.Number(value=e4t.TuneConfig.reg_lambda, label="λ (regularisation)", elem_id="e4t_lambda")
                 memory = gr.Radio(MEMORY_MODES, value="auto", label="Memory mode", elem_id="e4t_memory",
-                                  info="auto: fast where the GPU has 46 GiB, else low_vram (same recipe, a fraction of "
+                                  info="auto: fast where its estimated peak fits the GPU (about 49 GiB), else low_vram (same recipe, a fraction of "
                                        "the memory, slower); custom: the three settings under Advanced")
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():

@@ -130,7 +130,7 @@ class E4TPersonalize:
                                          "round": False, "tooltip": LAMBDA_TOOLTIP}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff}),
                 "trains": (["all", "attention"], {"tooltip": "heads + offsets + the whole U-Net, or its attention only"}),
-                "memory": (["auto", "fast", "low_vram"], {"default": "auto", "tooltip": "low_vram: the same recipe without fp32 copies: bf16 deltas on the model's frozen weights, recomputed activations, 8-bit Adam moments, the optimizer step inside backward; auto: fast where the device has 46 GiB or more, else low_vram"}),
+                "memory": (["auto", "fast", "low_vram"], {"default": "auto", "tooltip": "low_vram: the same recipe without fp32 copies: bf16 deltas on the model's frozen weights, recomputed activations, 8-bit Adam moments, the optimizer step inside backward; auto: the fastest mode whose estimated peak fits the device (fast about 49 GiB at batch 16, 512 px), else low_vram"}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64}),
             },
             "optional": {"mask": ("MASK", {"tooltip": "restricts the loss to these pixels (e.g. the face)"})},
