@@ -125,7 +125,7 @@ def main():
     source = e4t.E4TWeights(config=e4t.DomainConfig(encoder=dict(s.encoder.cfg.__dict__), backbone_sha256="bench"),
                             encoder=s.encoder, offsets=s.offsets)
     cfg = e4t.TuneConfig(steps=args.steps, batch_size=args.batch, resolution=args.res, lr=args.lr, trains=args.trains,
-                         templates=("a photo of {}",), **e4t.memory_settings("low_vram", args.batch))
+                         templates=("a photo of {}",), **e4t.memory_settings("low_vram"))
     t0 = time.time()
     result = e4t.tune(s.unet, s.encoder, s.offsets, s.image, text_encode=s.text_encode, vae_encode=s.vae_encode,
                       e_domain=s.e_domain, empty_context=s.empty, alphas_cumprod=e4t.sd1_alphas_cumprod(),

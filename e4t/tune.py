@@ -7,11 +7,10 @@ objects sharing the host's tensors) with trainable weights substituted, so an in
 leaves every model exactly as it was.
 
 Memory modes (`memory_settings`): "fast" trains fp32 master copies with torch's AdamW; "low_vram" trains bf16
-deltas on the host's frozen U-Net weights, recomputes activations per block, keeps Adam's moments in 8 bits and
+deltas on the host's frozen U-Net weights, recomputes activations per layer, keeps Adam's moments in 8 bits and
 runs the optimizer step inside backward, so no full set of gradients is ever held (see README for its figures).
 """
 import math
-import os
 import copy
 import random
 from dataclasses import dataclass, field, replace
@@ -72,7 +71,7 @@ MEMORY_MODES = {
 }
 
 
-def memory_settings(mode: str, batch_size: int | None = None) -> dict:
+def memory_settings(mode: str) -> dict:
     """TuneConfig fields of a memory mode (see the module docstring)."""
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {mode!r}: use {' or '.join(map(repr, MEMORY_MODES))}")
