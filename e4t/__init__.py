@@ -23,8 +23,13 @@ Public API (hosts use only these names):
     sd1_alphas_cumprod, alphas_cumprod_of                         -- noise schedules (SD1.x; a host's)
     validate, seeded                                              -- input checks of both hosts; a host step's global RNG from the seed
 """
-from .checkpoint import (DomainConfig, E4TFileError, E4TWeights, backbone_state, convert, load, pixels_sha256,
-                         read_header, read_published_config, save, tensors_sha256, walk)
+from .backbone import backbone_state
+from .files import E4TFileError
+from .folders import walk
+from .hashing import pixels_sha256, tensors_sha256
+from .published import read_published_config
+from .weights import DomainConfig, E4TWeights
+from .weights_file import convert, load, read_header, save
 from .concept import Compression, base_fingerprint, check_base, concept_metadata, make_concept, source_sha256
 from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures, unet_feature_channels
 from .evaluate import pil_to_tensor

@@ -3,7 +3,8 @@ import argparse
 import os
 import sys
 
-from .checkpoint import DTYPES, E4TFileError, convert
+from .files import E4TFileError
+from .weights_file import DTYPES, convert
 from .pretrain import PretrainConfig
 from .tune import TuneConfig
 

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .checkpoint import DomainConfig, E4TFileError, E4TWeights, atomic_write, save, walk
-from .files import read_pickle
+from .atomic import atomic_write
+from .files import E4TFileError, read_pickle
+from .folders import walk
+from .weights import DomainConfig, E4TWeights
+from .weights_file import save
 from .encoder import Encoder
 from .evaluate import pil_to_tensor
 from .offsets import Offsets

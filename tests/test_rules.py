@@ -36,7 +36,7 @@ def test_one_tune_lambda_and_the_file_records_the_pretraining_one(tmp_path):
 
 def test_vit_heads_come_from_the_named_family_or_open_clips_widths():
     """Not width // 80: ViT-H has 16 heads of 80, ViT-L 16 of 64, ViT-B 12 of 64, ViT-bigG 16 of 104."""
-    from e4t.checkpoint import vit_heads
+    from e4t.published import vit_heads
     assert vit_heads(1280, "ViT-H-14/laion2b_s32b_b79k") == 16
     assert vit_heads(1024, "ViT-L-14/openai") == 16 and vit_heads(768, "ViT-B-16/laion2b") == 12
     assert vit_heads(1664, "hf-hub:laion/CLIP-ViT-bigG-14-laion2B-39B-b160k") == 16
@@ -50,7 +50,7 @@ def test_a_published_folder_gets_its_backbones_head_count(tmp_path):
     """A published folder whose config names ViT-L gets 16 heads of 64 (the old width // 80 gave 12)."""
     import json
     import torch
-    from e4t.checkpoint import infer_encoder_config
+    from e4t.published import infer_encoder_config
     sd = {"clip_vision.conv1.weight": torch.zeros(1024, 3, 14, 14), "clip_vision.positional_embedding": torch.zeros(257, 1024),
           "clip_vision.transformer.resblocks.0.ln_1.weight": torch.zeros(1024),
           "unet_feature_embedder.0.weight": torch.zeros(8, 40), "final_linear.weight": torch.zeros(768, 8)}

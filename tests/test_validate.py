@@ -8,7 +8,7 @@ import torch
 
 import e4t
 from e4t import validate
-from e4t.checkpoint import STALE_SECONDS, remove_stale_temporaries
+from e4t.atomic import STALE_SECONDS, remove_stale_temporaries
 from e4t.files import E4TFileError, PickleRefused, read_pickle, read_tensors
 from tiny_models import tiny_encoder_config, write_published
 

@@ -7,7 +7,7 @@ import torch
 
 import e4t
 import e4t.__main__
-from e4t.checkpoint import E4TFileError, load_pickled_state_dict
+from e4t.files import E4TFileError, read_pickle
 from e4t.offsets import to_published
 from tiny_models import write_published
 
@@ -70,7 +70,7 @@ def test_pickle_that_would_create_a_file_is_refused_and_nothing_is_created(tmp_p
     with open(raw, "wb") as f:
         pickle.dump(_Evil(str(victim)), f)
     with pytest.raises(E4TFileError):
-        load_pickled_state_dict(str(raw))
+        read_pickle(str(raw))
     assert not victim.exists()
 
 
@@ -117,7 +117,7 @@ def test_stock_backbone_must_be_identical(tmp_path):
 
 
 def test_hf_clip_vision_layout_maps_to_open_clip(encoder):
-    from e4t.checkpoint import backbone_state
+    from e4t.backbone import backbone_state
     oc = encoder.clip_vision.state_dict()
     d = encoder.cfg.vit_width
     hf = {"vision_model.embeddings.patch_embedding.weight": oc["conv1.weight"],
