@@ -1,4 +1,4 @@
-"""Weight offsets: a rank-3 ΔW per attention projection, applied as W = W0 * (1 + ΔW).
+"""Weight offsets: a rank-3 ΔW per attention projection, applied as W = W0 * (1 + ΔW) (`weight_change`).
 
 Parametrisation of the published weights: a scalar v, linear1 (1 -> in), linear2 (1 -> out),
 linear_column (in -> in) and linear_row (out -> out). With A, bA = linear_column and B, bB = linear_row:
@@ -92,27 +92,47 @@ def targets(state_dict) -> dict:
     return {k: tuple(v.shape) for k, v in state_dict.items() if _TARGET.match(k)}
 
 
-def merge(weight: torch.Tensor, delta: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """W0 * (1 + s ΔW), computed in fp32 and returned in the weight's dtype; never in place."""
-    return (weight.float() * (1 + strength * delta.to(weight.device, torch.float32))).to(weight.dtype)
+def weight_change(weight: torch.Tensor, delta: torch.Tensor | None = None, added: torch.Tensor | None = None,
+                  strength: float = 1.0) -> torch.Tensor | None:
+    """W' − W in fp32 for the one weight rule of E4T, W' = (W + s·D) ⊙ (1 + s·ΔW): ΔW the offset of an attention
+    q/k/v weight, D a tuned concept's U-Net delta, s the strength. W is the weight as the host holds it (with any
+    LoRA already in it), so the offsets scale what LoRA and tune made of it. None when neither is given."""
+    if added is None and delta is None:
+        return None
+    change = strength * _fp32_on(added, weight) if added is not None else None
+    if delta is not None:
+        scaled = weight.float() if change is None else weight.float() + change
+        modulation = strength * scaled * _fp32_on(delta, weight)
+        change = modulation if change is None else change + modulation
+    return change
+
+
+def _fp32_on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 on `like`'s device, moved before it is widened (half the bytes to copy)."""
+    if t.device != like.device:
+        t = t.to(like.device, non_blocking=like.device.type == "cuda")
+    return t.float()
+
+
+def merge(weight: torch.Tensor, delta: torch.Tensor | None = None, strength: float = 1.0,
+          added: torch.Tensor | None = None) -> torch.Tensor:
+    """W' = W + `weight_change`, computed in fp32 and returned in the weight's dtype; never in place."""
+    change = weight_change(weight, delta, added, strength)
+    return weight.clone() if change is None else (weight.float() + change).to(weight.dtype)
 
 
 @contextmanager
-def applied(module: nn.Module, deltas: dict, strength: float = 1.0, prefix: str = "", added: dict | None = None):
-    """Swap in merged weights for the duration of a block; the original tensors are put back untouched.
-
-    added: a tuned concept's U-Net delta D, giving (W0 + s D) * (1 + s ΔW), the order both hosts use."""
+def applied(module: nn.Module, deltas: dict, strength: float = 1.0, added: dict | None = None):
+    """Swap in merged weights (`merge`) for the duration of a block; the original tensors are put back untouched.
+    deltas: {CompVis weight name: ΔW}; added: a tuned concept's U-Net delta {CompVis name: D}."""
     originals, added = {}, added or {}
     try:
         for key in sorted(set(deltas) | set(added)):
-            owner, _, name = (prefix + key).rpartition(".")
+            owner, _, name = key.rpartition(".")
             sub = module.get_submodule(owner)
             w = originals[(sub, name)] = getattr(sub, name)
-            if key in added:
-                w = (w.float() + strength * added[key].to(w.device, torch.float32)).to(w.dtype)
-            if key in deltas:
-                w = merge(w, deltas[key], strength)
-            setattr(sub, name, nn.Parameter(w.detach(), requires_grad=False))
+            merged = merge(w.detach(), deltas.get(key), strength, added.get(key))
+            setattr(sub, name, nn.Parameter(merged, requires_grad=False))
         yield module
     finally:
         for (sub, name), param in originals.items():

@@ -6,20 +6,23 @@ strength s computes with
 
     W' = (W + s·D) ⊙ (1 + s·ΔW)        (ΔW on attention q/k/v only; D on every tuned weight)
 
-the order the ComfyUI pack uses. Linear and Conv2d layers are linear in their weight, so their hook
-adds layer(x; W' − W, s·D_bias) to the output; GroupNorm and LayerNorm recompute the output with
-W' and b + s·D_bias. Removing the hooks leaves every module exactly as it was.
+the engine's rule (`e4t.offsets.weight_change`), as the ComfyUI pack applies it. Linear and Conv2d
+layers are linear in their weight, so their hook adds layer(x; W' − W, s·D_bias) to the output;
+GroupNorm and LayerNorm recompute the output with W' and b + s·D_bias. Removing the hooks leaves
+every module exactly as it was.
 
 What a hook adds is computed once per module and weight version, not on every call: s·D does not
 depend on W, and (W + s·D)(1 + s·ΔW) − W is recomputed only when W's identity or in-place version
 changes (Lora writes its weights in place on a module's first call of a job). Kept on the device of
 the hooks' storage only: in low-VRAM mode (storage on the CPU) nothing is kept on the GPU.
 
-Pure torch: no webui import, so it is testable on any CompVis-layout U-Net.
+Torch and the engine only: no webui import, so it is testable on any CompVis-layout U-Net.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from e4t.offsets import weight_change
 
 LINEAR_LIKE = (nn.Linear, nn.Conv2d)
 NORMS = (nn.GroupNorm, nn.LayerNorm)
@@ -124,15 +127,9 @@ def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t if t.device == like.device else t.to(like.device, non_blocking=True)
 
 
-def weight_change(weight: torch.Tensor, store: dict, strength: float) -> torch.Tensor | None:
-    """W' − W in fp32 for the weight as the module holds it now, or None if nothing changes it."""
-    d, o = store.get("weight"), store.get("offset")
-    if d is None and o is None:
-        return None
-    change = strength * _on(d, weight).float() if d is not None else 0
-    if o is not None:
-        change = change + strength * (weight.detach().float() + change) * _on(o, weight).float()
-    return change
+def change_of(weight: torch.Tensor, store: dict, strength: float) -> torch.Tensor | None:
+    """W' − W (fp32) for the weight as the module holds it now: the engine's rule, `e4t.offsets.weight_change`."""
+    return weight_change(weight.detach(), store.get("offset"), store.get("weight"), strength)
 
 
 def _linear_hook(module, args, out, store, strength, cache):
@@ -149,7 +146,7 @@ def _linear_hook(module, args, out, store, strength, cache):
 
 def _linear_parts(module, x, store, strength):
     """(W' − W, s·D_bias) in the input's dtype, either None."""
-    change = weight_change(module.weight, store, strength)
+    change = change_of(module.weight, store, strength)
     bias = store.get("bias")
     bias = None if bias is None else strength * _on(bias, x).to(x.dtype)
     return (None if change is None else change.to(x.dtype)), bias
@@ -157,7 +154,7 @@ def _linear_parts(module, x, store, strength):
 
 def _norm_parts(module, x, store, strength):
     """(W', b') in fp32."""
-    change = weight_change(module.weight, store, strength)
+    change = change_of(module.weight, store, strength)
     weight = module.weight.float() + (0 if change is None else change)
     bias = module.bias.float() if module.bias is not None else torch.zeros_like(weight)
     if "bias" in store:

@@ -40,10 +40,7 @@ def merged(unet, offsets, delta, s):
     m = copy.deepcopy(unet)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            w = p.float() + s * delta[name] if name in delta else p.float()
-            if name in offsets:
-                w = e4t.merge(w, offsets[name], s)
-            p.copy_(w)
+            p.copy_(e4t.merge(p.float(), offsets.get(name), s, delta.get(name)))
     return m
 
 

@@ -3,7 +3,7 @@ import torch
 from e4t import Offsets, applied, merge, targets
 from tiny_models import SD15_UNET
 from e4t.offsets import (Offset, compvis_block_to_diffusers, diffusers_block_to_compvis, published_to_target,
-                         target_to_published)
+                         target_to_published, weight_change)
 
 
 def reference_delta(off: Offset) -> torch.Tensor:
@@ -39,18 +39,31 @@ def test_applied_gives_w0_times_one_plus_delta_and_restores_originals(unet):
     with applied(unet, deltas, strength=0.5):
         now = unet.state_dict()
         for key, delta in deltas.items():
-            assert torch.equal(now[key], before[key] * (1 + 0.5 * delta))
+            assert torch.equal(now[key], merge(before[key], delta, 0.5))
+            torch.testing.assert_close(now[key], before[key] * (1 + 0.5 * delta), rtol=1e-6, atol=1e-7)
         assert sum(not torch.equal(now[k], before[k]) for k in before) == len(deltas)
     for key, value in unet.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
-def test_merge_is_dtype_safe_and_not_in_place():
-    w = torch.randn(8, 4, dtype=torch.bfloat16)
-    keep = w.clone()
-    out = merge(w, torch.full((8, 4), 0.5))
-    assert out.dtype == torch.bfloat16 and torch.equal(w, keep)
-    torch.testing.assert_close(out.float(), keep.float() * 1.5, rtol=1e-2, atol=0)
+def test_one_weight_rule_tuned_delta_then_offsets():
+    """W' = (W + s·D) ⊙ (1 + s·ΔW), the rule every host applies (A1111's hooks call `weight_change`), checked
+    in float64 against the formula; D alone adds s·D, ΔW alone scales W; nothing given changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    w, d, dw = (torch.randn(8, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    for s in (1.0, 0.7, -0.3):
+        exact = (w + s * d) * (1 + s * dw) - w
+        torch.testing.assert_close(weight_change(w.float(), dw.float(), d.float(), s).double(), exact,
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weight_change(w.float(), added=d.float(), strength=s).double(), s * d,
+                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(weight_change(w.float(), dw.float(), strength=s).double(), s * w * dw,
+                                   rtol=1e-6, atol=1e-7)
+        assert torch.equal(merge(w.float(), dw.float(), s, d.float()),
+                           w.float() + weight_change(w.float(), dw.float(), d.float(), s))
+    assert weight_change(w) is None and torch.equal(merge(w), w)
+    half = w.half()
+    assert weight_change(half, dw.half(), d.half(), 0.5).dtype == torch.float32    # fp32 whatever W's dtype
 
 
 def test_key_maps_agree_with_comfyui_on_the_full_sd15_unet(comfy):
