@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .files import E4TFileError, read_tensors
 from .encoder import CLIP_MEAN, CLIP_STD
+from .images import pil_to_tensor, save_png
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -32,12 +33,6 @@ def load_clip(config: str, weights: str):
     return model.eval(), tokenize
 
 
-def pil_to_tensor(image) -> torch.Tensor:
-    """PIL image -> (3, h, w) float in [0, 1]."""
-    rgb = image.convert("RGB")
-    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255
-
-
 def clip_pixels(images, size: int) -> torch.Tensor:
     """Shortest side to `size` (bicubic), centre crop, CLIP mean/std: (n, 3, size, size)."""
     out = []
@@ -52,7 +47,7 @@ def clip_pixels(images, size: int) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
-def prompt_of(path: str, image) -> str | None:
+def prompt_of(image) -> str | None:
     """The prompt stored by the host: A1111 'parameters' or a ComfyUI graph with an E4T Text Encode node."""
     info = getattr(image, "info", {}) or {}
     if "parameters" in info:
@@ -102,7 +97,7 @@ def run(folder: str, concept_paths: list, clip_config: str, clip_weights: str, o
     for name in files:
         with Image.open(os.path.join(folder, name)) as im:
             images[name] = pil_to_tensor(im)
-            prompts[name] = given.get(name) or prompt_of(name, im)
+            prompts[name] = given.get(name) or prompt_of(im)
         if not prompts[name]:
             raise E4TFileError(f"{name}: no prompt: give --prompts CSV (columns image,prompt) or images saved by "
                                f"ComfyUI/A1111 with their metadata")
@@ -119,5 +114,5 @@ def run(folder: str, concept_paths: list, clip_config: str, clip_weights: str, o
         writer.writerows(rows)
     plot = scatter_plot([r["identity_similarity"] for r in rows], [r["prompt_similarity"] for r in rows],
                         "E4T evaluation (paper fig. 4)", "identity similarity", "prompt similarity")
-    Image.fromarray((plot * 255).round().to(torch.uint8).numpy()).save(out_plot)
+    save_png(plot, out_plot)
     return rows

@@ -141,9 +141,12 @@ def applied(module: nn.Module, deltas: dict, strength: float = 1.0, added: dict 
 
 # --- names: published diffusers layout <-> CompVis layout -----------------------------------------
 
-def diffusers_block_to_compvis(block: str, layers_per_block: int = 2) -> str:
-    """`down_blocks.1.attentions.0` -> `input_blocks.4.1` (SD1: 2 layers per block)."""
-    n = layers_per_block + 1
+LAYERS_PER_BLOCK = 2               # SD1's U-Net: 2 res/attention layers per down block
+
+
+def diffusers_block_to_compvis(block: str) -> str:
+    """`down_blocks.1.attentions.0` -> `input_blocks.4.1`."""
+    n = LAYERS_PER_BLOCK + 1
     m = re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)", block)
     if m:
         return f"input_blocks.{1 + int(m[1]) * n + int(m[2])}.1"
@@ -155,9 +158,9 @@ def diffusers_block_to_compvis(block: str, layers_per_block: int = 2) -> str:
     raise KeyError(f"not an SD1 attention block name: {block!r}")
 
 
-def compvis_block_to_diffusers(block: str, layers_per_block: int = 2) -> str:
+def compvis_block_to_diffusers(block: str) -> str:
     """Inverse of `diffusers_block_to_compvis`."""
-    n = layers_per_block + 1
+    n = LAYERS_PER_BLOCK + 1
     m = re.fullmatch(r"input_blocks\.(\d+)\.1", block)
     if m and int(m[1]) % n:
         i, j = divmod(int(m[1]) - 1, n)
@@ -174,27 +177,27 @@ def compvis_block_to_diffusers(block: str, layers_per_block: int = 2) -> str:
 _PUBLISHED = re.compile(r"(.*)\.transformer_blocks\.(\d+)\.(attn[12])\.wo_([qkv])\.(.+)$")
 
 
-def published_to_target(key: str, layers_per_block: int = 2):
+def published_to_target(key: str):
     """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.wo_q.linear1.weight`
     -> (`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`, `linear1.weight`)."""
     m = _PUBLISHED.match(key)
     if not m or m[5] not in PARAMS:
         raise KeyError(f"not a published weight-offset key: {key!r}")
-    block = diffusers_block_to_compvis(m[1], layers_per_block)
+    block = diffusers_block_to_compvis(m[1])
     return f"{block}.transformer_blocks.{m[2]}.{m[3]}.to_{m[4]}.weight", m[5]
 
 
-def target_to_published(target: str, param: str, layers_per_block: int = 2) -> str:
+def target_to_published(target: str, param: str) -> str:
     m = _TARGET.match(target)
     block, rest = m[1].split(".transformer_blocks.")
-    return f"{compvis_block_to_diffusers(block, layers_per_block)}.transformer_blocks.{rest}.wo_{m[2]}.{param}"
+    return f"{compvis_block_to_diffusers(block)}.transformer_blocks.{rest}.wo_{m[2]}.{param}"
 
 
-def from_published(state_dict: dict, layers_per_block: int = 2) -> Offsets:
+def from_published(state_dict: dict) -> Offsets:
     """Build Offsets from published-layout tensors (keys as in `weight_offsets.pt`), checking every key."""
     grouped = {}
     for key, tensor in state_dict.items():
-        target, param = published_to_target(key, layers_per_block)
+        target, param = published_to_target(key)
         grouped.setdefault(target, {})[param] = tensor
     shapes = {}
     for target, params in grouped.items():
@@ -204,12 +207,12 @@ def from_published(state_dict: dict, layers_per_block: int = 2) -> Offsets:
         shapes[target] = (params["linear2.weight"].shape[0], params["linear1.weight"].shape[0])
     offsets = Offsets(shapes, device="meta")   # no memory, no init: the file's tensors are assigned
     load_checked(offsets, {f"offsets.{_slot(t)}.{p}": v for t, ps in grouped.items() for p, v in ps.items()},
-                 "weight offsets", names=lambda k: target_to_published(*_unslot(k), layers_per_block), assign=True)
+                 "weight offsets", names=lambda k: target_to_published(*_unslot(k)), assign=True)
     return offsets
 
 
-def to_published(offsets: Offsets, layers_per_block: int = 2) -> dict:
-    return {target_to_published(t, p, layers_per_block): v
+def to_published(offsets: Offsets) -> dict:
+    return {target_to_published(t, p): v
             for t in offsets.targets for p, v in offsets[t].state_dict().items()}
 
 

@@ -23,31 +23,29 @@ from .folders import walk
 from .weights import DomainConfig, E4TWeights
 from .weights_file import save
 from .encoder import Encoder
-from .evaluate import pil_to_tensor
+from .images import pil_to_tensor
 from .offsets import Offsets
 from .training import Objective, UNetWeights, training_mode
 from .tune import TEMPLATES, augment, trainable_heads
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+LOG_EVERY = 10                           # steps per line of loss.csv and of the progress line
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    """What `python -m e4t pretrain` sets. The rest is the published recipe, fixed: its regulariser, AdamW with
+    weight decay 0.01, no gradient clipping, the "normal" prompt templates."""
     steps: int = 30000                   # paper: face 30k, cat 60k, art 100k
     batch_size: int = 16                 # per process
     base_lr: float = 1e-6
     scale_lr: bool = True                # lr = base_lr x batch x processes (paper: 1e-6 x 16 = 1.6e-5)
     reg_lambda: float = 0.01             # paper §3.3
-    regularizer: str = "published"
     resolution: int = 512
-    templates: tuple = TEMPLATES["normal"]
-    prediction: str = "eps"
+    prediction: str = "eps"              # the model's: "v" for v-prediction checkpoints
     checkpointing: bool = False
-    grad_clip: float = 0.0               # 0: off, as the published pretraining
-    weight_decay: float = 0.01
     save_every: int = 1000
     sample_every: int = 1000
-    log_every: int = 10
     seed: int = 0
 
     @property
@@ -89,10 +87,10 @@ class Progress:
 
 def pretrain(unet, encoder: Encoder, offsets: Offsets, files: list, out_dir: str, *, text_encode, vae_encode,
              e_domain, empty_context, alphas_cumprod, domain: DomainConfig, cfg: PretrainConfig = PretrainConfig(),
-             resume: str | None = None, sample=None, autocast_dtype=None, clone_norm_inputs=None):
+             resume: str | None = None, sample=None, autocast_dtype=None):
     """Train heads and offsets for cfg.steps; returns the final E4TWeights. `sample(weights, step)` may
     write sample images. `resume`: a `state.pt` this function wrote."""
-    with training_mode(unet, clone_norm_inputs):
+    with training_mode(unet):
         return _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e_domain, empty_context,
                          alphas_cumprod, domain, cfg, resume, sample, autocast_dtype)
 
@@ -107,11 +105,11 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
     enc = trainable_heads(encoder, device)
     offs = offsets.to(device).float().requires_grad_(True).train()
     params = enc.heads() + list(offs.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, fused=device.type == "cuda")
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, UNetWeights(unet, set(), compute=None if autocast_dtype else torch.float32), text_encode,
                           e_domain.detach().to(device, torch.float32).clone(), empty_context.detach().to(device).clone(),
-                          acp, domain.scale, cfg.prediction, cfg.regularizer, cfg.reg_lambda, cfg.checkpointing,
+                          acp, domain.scale, cfg.prediction, "published", cfg.reg_lambda, cfg.checkpointing,
                           autocast_dtype)
     start = 0
     if resume:
@@ -143,21 +141,19 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
             tokens = enc.image_features(crops).tokens.detach()
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, len(acp), (cfg.batch_size,), generator=generator).to(device)
-        prompts = [rng.choice(cfg.templates).format(domain.placeholder) for _ in range(cfg.batch_size)]
+        prompts = [rng.choice(TEMPLATES["normal"]).format(domain.placeholder) for _ in range(cfg.batch_size)]
         loss = objective.backward(tokens, latents, noise, t, prompts)
         if dist.is_initialized():
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= dist.get_world_size()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         save_now = step % cfg.save_every == 0 or step == cfg.steps
         states = _random_states(generator, rng) if save_now else None       # collective: every rank
         if rank:
             continue
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % LOG_EVERY == 0 or step == cfg.steps:
             progress(step, loss)
             new = not os.path.exists(log)
             with open(log, "a", newline="") as f:

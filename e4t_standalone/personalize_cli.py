@@ -24,28 +24,23 @@ def _say(text, end="\n"):
     print(text, end=end, file=sys.stderr, flush=True)
 
 
-def _pixels(path: str, what: str) -> torch.Tensor:
-    """(h, w, 3) uint8 pixels of an image file; a clear error for anything else."""
+def _open(path: str, what: str):
+    """An image file, read; a clear error for anything else."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            im.load()
+            return im
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path!r} not found") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{what} {path!r} is not a readable image ({err})") from None
-    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).clone()
 
 
 def _mask(path: str, size) -> torch.Tensor:
-    """(h, w) in [0, 1] at the image's size (white = the concept)."""
-    from PIL import Image
-    with Image.open(path) as im:
-        m = im.convert("L").resize((size[1], size[0]))
-    t = torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(size[0], size[1]).float() / 255
-    if t.mean() < 0.01:
-        raise ValueError(f"mask {path!r} is (almost) black: paint the concept white")
-    return t
+    """(h, w) in [0, 1] at the image's size (white = the concept), by the hosts' rule (`e4t.validate.mask`)."""
+    grey = e4t.pil_to_tensor(_open(path, "mask").convert("L"))[0]
+    return e4t.validate.mask(grey, size, "paint the concept white in the mask image", what=f"mask {path!r}")
 
 
 def _weights(args, sd1):
@@ -81,7 +76,7 @@ def run(args):
             setattr(args, key, value)
     if not args.prompt:
         args.prompt = ["a portrait of {}", "{} as an astronaut, photo"]
-    pixels = _pixels(args.image, "image")                      # inputs are read before any model is loaded
+    pixels = e4t.pil_pixels(_open(args.image, "image"))       # inputs are read before any model is loaded
     mask = _mask(args.mask, pixels.shape[:2]) if args.mask else None
     os.makedirs(args.out, exist_ok=True)
 
@@ -130,7 +125,7 @@ def run(args):
     concept_path = os.path.join(args.out, "concept.safetensors")
     e4t.save(concept, concept_path)
     plot = e4t.line_plot(range(1, len(result.losses) + 1), result.losses, "E4T tuning loss", "step", "loss")
-    _save_png(plot, os.path.join(args.out, "loss.png"))
+    e4t.save_png(plot, os.path.join(args.out, "loss.png"))
     _say(f"wrote {concept_path}")
     del result, concept
 
@@ -163,18 +158,9 @@ def _sample(args, sd1, concept, prompts, resolution, empty, e_domain, text_encod
                              guidance=args.guidance, prediction=sd1.prediction,
                              generator=torch.Generator().manual_seed(args.seed + 1000 * i + j))
                 path = os.path.join(args.out, f"{n:02d}.png")
-                _save_png(sd1.vae_decode(z)[0], path, {"parameters": f"{prompt}\nSteps: {args.sample_steps}, "
+                e4t.save_png(sd1.vae_decode(z)[0], path, {"parameters": f"{prompt}\nSteps: {args.sample_steps}, "
                                                     f"CFG scale: {args.guidance}, Seed: {args.seed + 1000 * i + j}, "
                                                     f"Sampler: DDIM, E4T: {os.path.basename(args.out)}"})
                 _say(f"\r  image {n}: {path}  ({prompt})" + " " * 10)
                 paths.append(path)
     return paths
-
-
-def _save_png(image, path, text=None):
-    """(h, w, 3) in [0, 1] -> PNG (with the prompt in its metadata, as `e4t eval` reads it)."""
-    from PIL import Image, PngImagePlugin
-    info = PngImagePlugin.PngInfo()
-    for k, v in (text or {}).items():
-        info.add_text(k, v)
-    Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()).save(path, pnginfo=info)

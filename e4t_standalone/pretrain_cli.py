@@ -61,7 +61,6 @@ def run(args):
 
     def sample(weights, step):
         """A sample of the first image's concept, DDIM with per-step refinement, to samples/."""
-        from PIL import Image
         with torch.no_grad():
             head = weights.encoder.fold(weights.encoder.image_features(concept[None].to(device)))
             deltas = {k: d.detach() for k, d in weights.offsets.deltas().items()}
@@ -73,8 +72,7 @@ def run(args):
                                       prediction=sd1.prediction)
             image = sd1.vae_decode(z)[0]
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-        Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()).save(
-            os.path.join(args.out, "samples", f"step-{step:06d}.png"))
+        e4t.save_png(image, os.path.join(args.out, "samples", f"step-{step:06d}.png"))
 
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision) if device.type == "cuda" else None
     weights = pretrain(sd1.unet, encoder, offsets, files, args.out, text_encode=text_encode, vae_encode=sd1.vae_encode,

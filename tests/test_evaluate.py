@@ -7,7 +7,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import e4t.__main__
-from e4t.evaluate import clip_pixels, evaluate, load_clip, pil_to_tensor
+from e4t.evaluate import clip_pixels, evaluate, load_clip
+from e4t.images import pil_to_tensor
 
 TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},

@@ -67,6 +67,14 @@ def test_bad_inputs_are_refused_before_any_model_loads(face, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     assert personalize(str(tmp_path / "notes.png"), tmp_path) == 2
     assert "not a readable image" in capsys.readouterr().err
+    black = np.zeros((80, 64), dtype="uint8")
+    black[0, :8] = 255                                      # 0.16 % white: empty by the hosts' rule
+    Image.fromarray(black).save(tmp_path / "black.png")
+    assert personalize(face, tmp_path, "--mask", str(tmp_path / "black.png")) == 2
+    assert "covers 0.16 % of the image" in capsys.readouterr().err
+    Image.fromarray(np.full((64, 64), 255, dtype="uint8")).save(tmp_path / "square.png")
+    assert personalize(face, tmp_path, "--mask", str(tmp_path / "square.png")) == 2
+    assert "must have the image's shape" in capsys.readouterr().err
     assert not (tmp_path / "concept.safetensors").exists()
 
 
