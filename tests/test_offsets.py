@@ -66,14 +66,18 @@ def test_one_weight_rule_tuned_delta_then_offsets():
     assert weight_change(half, dw.half(), d.half(), 0.5).dtype == torch.float32    # fp32 whatever W's dtype
 
 
-def test_key_maps_agree_with_comfyui_on_the_full_sd15_unet(comfy):
+def full_sd15_unet_state():
+    """The full-size SD1.5 U-Net's state dict as ComfyUI builds it, on the meta device (no memory)."""
     import comfy.supported_models
-    import comfy.utils
     with torch.device("meta"):
         cfg = comfy.supported_models.SD15(dict(SD15_UNET))
         cfg.set_inference_dtype(torch.float32, None)
-        sd = cfg.get_model({}).diffusion_model.state_dict()
-    ours = targets(sd)
+        return cfg.get_model({}).diffusion_model.state_dict()
+
+
+def test_key_maps_agree_with_comfyui_on_the_full_sd15_unet(comfy):
+    import comfy.utils
+    ours = targets(full_sd15_unet_state())
     assert len(ours) == 96                                    # 16 blocks x attn1/attn2 x q/k/v
     host = {v: k for k, v in comfy.utils.unet_to_diffusers(dict(SD15_UNET)).items()}   # CompVis -> diffusers
     published = set()
@@ -90,12 +94,8 @@ def test_key_maps_agree_with_comfyui_on_the_full_sd15_unet(comfy):
 
 
 def test_published_offset_count_and_params_on_full_sd15(comfy):
-    import comfy.supported_models
     with torch.device("meta"):
-        cfg = comfy.supported_models.SD15(dict(SD15_UNET))
-        cfg.set_inference_dtype(torch.float32, None)
-        sd = cfg.get_model({}).diffusion_model.state_dict()
-        offsets = Offsets(targets(sd))
+        offsets = Offsets(targets(full_sd15_unet_state()))
     from e4t.offsets import to_published
     keys = to_published(offsets)
     assert len(keys) == 864
