@@ -185,6 +185,7 @@ def main():
     p.add_argument("--ranks", default="1,4,8,16,32", help="compressions to measure: rank per matrix, default energy")
     p.add_argument("--compression", action="append", default=[], help="another compression, e.g. 'rank=64,energy=0.999'")
     p.add_argument("--samples", type=int, default=2, help="noise draws per timestep and prompt")
+    p.add_argument("--floor", action="store_true", help="also the error of the exact deltas at format 1's fp16")
     p.add_argument("--cache", default="", help="folder keeping the tune's result for later runs (same settings)")
     p.add_argument("--sizes", action="store_true", help="only the full-size file sizes per rank (meta tensors, seconds)")
     args = p.parse_args()
@@ -276,6 +277,11 @@ def main():
             files.append((comp, os.path.join(tmp, f"c{len(files)}.safetensors")))
             e4t.save(concept, files[-1][1])
             del concept
+        with torch.no_grad():                            # format 1's precision: tuned heads, offsets, U-Net delta in fp16
+            for t in result.encoder.heads() + list(result.offsets.parameters()):
+                t.copy_(t.half().float())
+            exact.unet_delta = {k: v.half() for k, v in result.unet_delta.items()}
+        fp16 = errors(outputs(s, exact, samples, prompts, originals), reference, untuned) if args.floor else None
         del result, exact                                # only the files from here on
         gc.collect()
         change = errors(untuned, reference, untuned)
@@ -285,6 +291,10 @@ def main():
         print(f"| format 1 (fp16, whole) | {whole / 2**20:.1f} MiB | | | | | | |")
         print(f"| no change (the source) | | | {change['eps'][0]:.2%} / {change['eps'][1]:.2%} | 100 % | "
               f"{change['w'][0]:.2%} / {change['w'][1]:.2%} | 100 % | |")
+        if fp16:
+            print(f"| format 1 precision (fp16 whole, not written) | | | {fp16['eps'][0]:.3%} / {fp16['eps'][1]:.3%} | "
+                  f"{fp16['eps'][2]:.1%} / {fp16['eps'][3]:.1%} | {fp16['w'][0]:.3%} / {fp16['w'][1]:.3%} | "
+                  f"{fp16['w'][2]:.1%} / {fp16['w'][3]:.1%} | |")
         for comp, path in files:
             size = os.path.getsize(path)
             parts_of = file_info(path)
