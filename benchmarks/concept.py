@@ -2,8 +2,12 @@
 the exact tune where it matters (noise prediction, word embedding), and how fast it loads. Markdown tables.
 
     python benchmarks/concept.py --tiny                                  # tiny models, seconds
-    flock /work/heavy.lock python benchmarks/concept.py --trains attention --res 128 --batch 1
-                                                                         # full-size SD1.5 U-Net + ViT-H heads
+    flock /work/heavy.lock python benchmarks/concept.py --trains attention --cache /tmp/budget-cache
+                                  # full-size SD1.5 U-Net + ViT-H heads: about 12 GiB RAM, 3 tune steps at 128 px
+
+Memory: the tune runs in the `low_vram` mode; the error pass writes each concept's personalised U-Net into the
+model in place and reads the untouched weights back from a file, and the tune's result is freed once the concept
+files are written. `--cache` keeps the tune's result for another run with other compressions.
 
 Models: random weights built as benchmarks/bench.py builds them (ComfyUI's classes); the source E4T weights
 are rounded to fp16 first, as hosts hold them after loading a file. The tune is the engine's `e4t.tune`;
