@@ -128,19 +128,31 @@ def _truncated_svd(m: torch.Tensor, compression: Compression):
     return u[:, :r], s[:r], v[:, :r]
 
 
-def decompress(tensors: dict, group: str, dtype=torch.float32) -> dict:
-    """File tensors -> {name: delta} of one group."""
+def decompress(tensors: dict, group: str, dtype=torch.float32, base: dict | None = None) -> dict:
+    """File tensors -> {name: delta} of one group, or {name: base + delta} for the names in `base` (fp32, the
+    sum formed in place: a load allocates each dense tensor once)."""
     out = {}
     whole, low = f"delta.{group}.", f"lowrank.{group}."
+    base = base or {}
     for key, t in tensors.items():
         if key.startswith(whole):
-            out[key[len(whole):]] = t.to(dtype)
+            name = key[len(whole):]
+            out[name] = _copy(base[name]).add_(t) if name in base else t.to(dtype)
         elif key.startswith(low) and key.endswith(".u"):
             name = key[len(low):-2]
             s, v = tensors[f"{low}{name}.s"], tensors[f"{low}{name}.v"]
-            w = (t.float() * s) @ v.float().reshape(len(s), -1)
-            out[name] = w.reshape(t.shape[0], *v.shape[1:]).to(dtype)
+            us, vm = t.float() * s, v.float().reshape(len(s), -1)
+            if name in base:
+                out[name] = _copy(base[name])
+                out[name].view(t.shape[0], -1).addmm_(us, vm)
+            else:
+                out[name] = (us @ vm).reshape(t.shape[0], *v.shape[1:]).to(dtype)
     return out
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A new contiguous fp32 tensor of t's values (never t itself)."""
+    return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 # --- building, saving and loading -------------------------------------------------------------------
@@ -178,14 +190,11 @@ def _unpack(config: DomainConfig, packed: dict, source: E4TWeights | None) -> E4
     """The applicable concept: source heads and offsets plus their deltas (or whole ones), dense U-Net delta."""
     state = {}
     for group in ("encoder", "offsets"):
-        deltas = decompress(packed, group)
-        if source is None:
-            state.update({f"{group}.{k}": v for k, v in deltas.items()})
-            continue
-        ref = {k: v for k, v in _heads_and_offsets(source).items() if k.startswith(group + ".")}
-        for key, value in ref.items():
-            name = key[len(group) + 1:]
-            state[key] = value.detach().cpu().float() + deltas[name] if name in deltas else value.detach().cpu().float()
+        ref = {} if source is None else {k[len(group) + 1:]: v.detach().cpu() for k, v in
+                                         _heads_and_offsets(source).items() if k.startswith(group + ".")}
+        tuned = decompress(packed, group, base=ref)
+        state.update({f"{group}.{k}": tuned[k] if k in tuned else v.float() for k, v in ref.items()})
+        state.update({f"{group}.{k}": v for k, v in tuned.items() if k not in ref})
     heads = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     encoder = build_encoder(EncoderConfig(**config.encoder), heads)
     if source is not None and not source.encoder.clip_vision.conv1.weight.is_meta:
