@@ -142,7 +142,7 @@ def tuned(s, source, args, cfg, cache):
     """`e4t.tune`'s result, or the one saved in `cache` by an earlier run with the same settings and models."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from e4t.checkpoint import build_encoder
+    from e4t.weights import build_encoder
     from e4t.offsets import from_published
     fingerprint = e4t.base_fingerprint(s.unet.input_blocks[0][0].weight, s.unet.out[2].weight) + \
         e4t.source_sha256(source)[:16]

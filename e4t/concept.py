@@ -11,7 +11,7 @@ benchmarks/concept.py, BENCHMARKS.md). Vectors and small tensors are kept whole 
 File (format_version 2): tensors `delta.<group>.<name>` (whole) or `lowrank.<group>.<name>.{u,s,v}`
 (u (m, r) and v (r, ...) fp16 with orthonormal rows/columns, s (r,) fp32) for the groups `encoder`
 (head parameter names), `offsets` (published keys) and `unet` (CompVis names); `concept.tokens`,
-`concept.image`; the metadata of `checkpoint.DomainConfig` with `concept` as built by `concept_metadata`.
+`concept.image`; the metadata of `weights.DomainConfig` with `concept` as built by `concept_metadata`.
 A concept with no recorded source (upgraded from a format-1 file) keeps heads and offsets whole.
 """
 import hashlib
@@ -20,8 +20,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .checkpoint import (CONCEPT_FORMAT_VERSION, DomainConfig, E4TFileError, E4TWeights, atomic_write,
-                         backbone_state, build_encoder, metadata_json, tensors_sha256)
+from .atomic import atomic_write
+from .backbone import backbone_state
+from .files import E4TFileError
+from .hashing import tensors_sha256
+from .weights import DomainConfig, E4TWeights, build_encoder
+from .weights_file import CONCEPT_FORMAT_VERSION, metadata_json
 from .encoder import EncoderConfig
 from .offsets import from_published, to_published
 
@@ -243,7 +247,7 @@ _sources = {}                                     # (path, size, mtime) -> (sha2
 
 
 def _find_source(path, meta, find_source):
-    from .checkpoint import load
+    from .weights_file import load
 
     name, wanted = meta.get("source", ""), meta["source_sha256"]
     found = find_source(name) if find_source is not None and name else None
@@ -268,7 +272,7 @@ def _read_heads(path: str) -> E4TWeights:
     """Heads and offsets of one of our E4T weight files, without its ViT backbone (memory-mapped)."""
     from safetensors import safe_open
 
-    from .checkpoint import read_header
+    from .weights_file import read_header
 
     config = DomainConfig.from_json(read_header(path))
     with safe_open(path, framework="pt") as f:
