@@ -90,6 +90,15 @@ class LiveBytes(TorchDispatchMode):
             entry.label = label
         return entry
 
+    def ignore(self, tensor: torch.Tensor):
+        """Never count `tensor`'s storage (memory the device does not hold), whatever operations return it later."""
+        st = tensor.untyped_storage()
+        key = st._cdata
+        if key in self.live:
+            self.now -= self.live[key].nbytes
+        entry = self.live[key] = _Entry(0, "held elsewhere")
+        entry.ref = weakref.ref(st, lambda _, key=key, e=entry: self._free(key, e))
+
     def _free(self, key, entry):
         if self.live.get(key) is entry:
             del self.live[key]
@@ -104,7 +113,8 @@ class LiveBytes(TorchDispatchMode):
         """Bytes alive at the peak by category; what the snapshot missed counts as activations."""
         out = dict.fromkeys(CATEGORIES, 0)
         for entry in self.at_peak:
-            out[entry.label or "activations"] += entry.nbytes
+            if entry.nbytes:
+                out[entry.label or "activations"] += entry.nbytes
         out["activations"] += self.peak - sum(out.values())
         return out
 
@@ -244,6 +254,32 @@ def _paused(live: LiveBytes):
 
 
 @contextmanager
+def _held_on_cpu(live: LiveBytes):
+    """What the tune holds in CPU memory on a GPU is not counted: Adam's moments with `offload_optimizer` (the pieces
+    moved to the device for an update are counted), activations with `offload_activations` (the fake device is a
+    CPU, so the tune is told it runs on a GPU; the copies made when backward needs them are counted)."""
+    from . import optim, training
+    saved = optim.state_zeros, training.offloads, training.hold_on_cpu, training.back_from_cpu
+
+    def uncounted(make):
+        def run(*args, **kwargs):
+            with _paused(live):
+                held = make(*args, **kwargs)
+            live.ignore(held)
+            return held
+        return run
+    def state_zeros(shape, dtype, device, held):
+        return (saved[0] if held is None else uncounted(saved[0]))(shape, dtype, device, held)
+    optim.state_zeros, training.offloads = state_zeros, (lambda device: True)
+    training.hold_on_cpu = uncounted(lambda t: t.clone())
+    training.back_from_cpu = lambda device, held: held.clone()
+    try:
+        yield
+    finally:
+        optim.state_zeros, training.offloads, training.hold_on_cpu, training.back_from_cpu = saved
+
+
+@contextmanager
 def _optimizer_labels(live: LiveBytes):
     """Labels trainable parameters, their gradients and optimizer state as each optimizer step begins and
     ends (torch's global optimizer hooks); everything else alive then is kept across steps."""
@@ -309,7 +345,8 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
                                        word_dim=fake_text.embeddings.token_embedding.weight.shape[1])
     res, batch = cfg.resolution, cfg.batch_size
     live = LiveBytes(mode)
-    with mode, live, FakeDeepcopy(), cuda_autocast_policy(), _optimizer_labels(live):
+    with mode, live, FakeDeepcopy(), cuda_autocast_policy(), _optimizer_labels(live), \
+            _held_on_cpu(live):
         # What the host holds on the device when the tune starts: U-Net, text encoder (and the copies the
         # text callable runs on), cached image features, empty-prompt context.
         for t in itertools.chain(fake_unet.parameters(), fake_unet.buffers(), fake_text.parameters()):
