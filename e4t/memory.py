@@ -399,21 +399,25 @@ def _cache_key(unet, text_model, cfg, *settings):
 
 # Peak GPU memory of a tune of full-size SD1.5 (fp16 weights, bf16 autocast, batch 16, 512 px) in GiB, estimated
 # with `estimate_tune_peak` (benchmarks/memory.py, BENCHMARKS.md): what does not grow with the batch (the host's
-# U-Net and text weights, trainable copies, optimizer state, per-step temporaries), and what grows with
-# batch x pixels (activations), fitted to estimates at two batch sizes where both exist.
+# U-Net and text weights, trainable copies, optimizer state, per-step temporaries), what grows with batch x pixels
+# (activations kept for backward), and what grows with the samples a layer runs at once x pixels (low_vram runs and
+# recomputes layers 4 samples at a time), fitted to estimates at batch 16 / 512 px, 4 / 512 px and 4 / 256 px.
 TUNE_PEAK_GIB = {
-    ("fast", "all"): (16.0, 28.5),
-    ("fast", "attention"): (8.9, 25.1),
-    ("low_vram", "all"): (9.5, 1.9),          # 11.38 GiB at batch 16, 9.96 at batch 4
-    ("low_vram", "attention"): (6.6, 1.8),    # 8.39 GiB at batch 16
+    ("fast", "all"): (16.0, 28.5, 0.0),
+    ("fast", "attention"): (8.9, 25.1, 0.0),
+    ("low_vram", "all"): (6.33, 0.23, 0.34),      # 6.90 GiB at batch 16, 6.73 at batch 4, 6.43 at batch 4 / 256 px
+    ("low_vram", "attention"): (4.93, 0.02, 0.0),  # 4.95 GiB at batch 16, 4.94 at batch 4
 }
 HEADROOM = 1.1                         # the allocator's rounding and fragmentation, the host's own buffers
 
 
 def tune_peak(mode: str, trains: str = "all", batch_size: int = 16, resolution: int = 512) -> float:
     """Estimated peak GPU memory (bytes) of an SD1.5 tune in `mode`, from the table above."""
-    fixed, activations = TUNE_PEAK_GIB[(mode, trains)]
-    return (fixed + activations * batch_size * resolution ** 2 / (16 * 512 ** 2)) * 2**30
+    from .tune import memory_settings
+    fixed, activations, layer = TUNE_PEAK_GIB[(mode, trains)]
+    pixels = resolution ** 2 / 512 ** 2
+    at_once = min(batch_size, memory_settings(mode).get("layer_chunk") or batch_size)
+    return (fixed + activations * batch_size / 16 * pixels + layer * at_once / 4 * pixels) * 2**30
 
 
 def available_memory(device) -> int:
