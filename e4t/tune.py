@@ -23,6 +23,7 @@ from .encoder import Encoder, ImageFeatures
 from .offsets import Offsets
 from .optim import CompactAdamW
 from .precision import Precision, training_precision
+from . import training
 from .training import Objective, UNetWeights, structural_clone, training_mode
 
 TEMPLATES = {                            # "published": the tune's prompts; "normal": pre-training's
@@ -52,7 +53,7 @@ class TuneConfig:
     checkpointing: bool = False          # recompute U-Net activations in backward (low-VRAM mode)
     layer_chunk: int = 0                 # with checkpointing: samples per layer run and recompute (0: whole batch)
     optimizer_states: str = "fp32"       # Adam's moments stored in "fp32", "bf16" (half) or "8bit" (a quarter)
-    offload_optimizer: bool = False      # Adam's moments held in CPU memory, moved to the GPU a piece at a time
+    offload_optimizer: bool = False      # on a GPU: Adam's moments held in CPU memory, moved in a piece at a time
     offload_activations: bool = False    # activations kept for backward held in CPU memory (on a GPU)
     unet_weights: str = "master"         # "master": fp32 trainable copies; "delta": bf16 deltas on the host's weights
     fused_step: bool = False             # optimizer step inside backward: no persistent gradients, no global clipping
@@ -229,7 +230,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     else:
         opt = CompactAdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                            states=cfg.optimizer_states, bases=weights.bases(),
-                           held="cpu" if cfg.offload_optimizer else None)
+                           held="cpu" if cfg.offload_optimizer and training.offloads(device) else None)
     if cfg.fused_step:
         opt.step_in_backward()
     acp = alphas_cumprod.to(device, torch.float32)
