@@ -90,6 +90,15 @@ class LiveBytes(TorchDispatchMode):
             entry.label = label
         return entry
 
+    def ignore(self, tensor: torch.Tensor):
+        """Never count `tensor`'s storage (memory the device does not hold), whatever operations return it later."""
+        st = tensor.untyped_storage()
+        key = st._cdata
+        if key in self.live:
+            self.now -= self.live[key].nbytes
+        entry = self.live[key] = _Entry(0, "held elsewhere")
+        entry.ref = weakref.ref(st, lambda _, key=key, e=entry: self._free(key, e))
+
     def _free(self, key, entry):
         if self.live.get(key) is entry:
             del self.live[key]
@@ -104,7 +113,8 @@ class LiveBytes(TorchDispatchMode):
         """Bytes alive at the peak by category; what the snapshot missed counts as activations."""
         out = dict.fromkeys(CATEGORIES, 0)
         for entry in self.at_peak:
-            out[entry.label or "activations"] += entry.nbytes
+            if entry.nbytes:
+                out[entry.label or "activations"] += entry.nbytes
         out["activations"] += self.peak - sum(out.values())
         return out
 
@@ -244,6 +254,32 @@ def _paused(live: LiveBytes):
 
 
 @contextmanager
+def _held_on_cpu(live: LiveBytes):
+    """What the tune holds in CPU memory on a GPU is not counted: Adam's moments with `offload_optimizer` (the pieces
+    moved to the device for an update are counted), activations with `offload_activations` (the fake device is a
+    CPU, so the tune is told it runs on a GPU; the copies made when backward needs them are counted)."""
+    from . import optim, training
+    saved = optim.state_zeros, training.offloads, training.hold_on_cpu, training.back_from_cpu
+
+    def uncounted(make):
+        def run(*args, **kwargs):
+            with _paused(live):
+                held = make(*args, **kwargs)
+            live.ignore(held)
+            return held
+        return run
+    def state_zeros(shape, dtype, device, held):
+        return (saved[0] if held is None else uncounted(saved[0]))(shape, dtype, device, held)
+    optim.state_zeros, training.offloads = state_zeros, (lambda device: True)
+    training.hold_on_cpu = uncounted(lambda t: t.clone())
+    training.back_from_cpu = lambda device, held: held.clone()
+    try:
+        yield
+    finally:
+        optim.state_zeros, training.offloads, training.hold_on_cpu, training.back_from_cpu = saved
+
+
+@contextmanager
 def _optimizer_labels(live: LiveBytes):
     """Labels trainable parameters, their gradients and optimizer state as each optimizer step begins and
     ends (torch's global optimizer hooks); everything else alive then is kept across steps."""
@@ -309,7 +345,8 @@ def estimate_tune_peak(unet, cfg, *, text_model, encoder_config=None, weight_dty
                                        word_dim=fake_text.embeddings.token_embedding.weight.shape[1])
     res, batch = cfg.resolution, cfg.batch_size
     live = LiveBytes(mode)
-    with mode, live, FakeDeepcopy(), cuda_autocast_policy(), _optimizer_labels(live):
+    with mode, live, FakeDeepcopy(), cuda_autocast_policy(), _optimizer_labels(live), \
+            _held_on_cpu(live):
         # What the host holds on the device when the tune starts: U-Net, text encoder (and the copies the
         # text callable runs on), cached image features, empty-prompt context.
         for t in itertools.chain(fake_unet.parameters(), fake_unet.buffers(), fake_text.parameters()):
@@ -362,21 +399,25 @@ def _cache_key(unet, text_model, cfg, *settings):
 
 # Peak GPU memory of a tune of full-size SD1.5 (fp16 weights, bf16 autocast, batch 16, 512 px) in GiB, estimated
 # with `estimate_tune_peak` (benchmarks/memory.py, BENCHMARKS.md): what does not grow with the batch (the host's
-# U-Net and text weights, trainable copies, optimizer state, per-step temporaries), and what grows with
-# batch x pixels (activations), fitted to estimates at two batch sizes where both exist.
+# U-Net and text weights, trainable copies, optimizer state, per-step temporaries), what grows with batch x pixels
+# (activations kept for backward), and what grows with the samples a layer runs at once x pixels (low_vram runs and
+# recomputes layers 4 samples at a time), fitted to estimates at batch 16 / 512 px, 4 / 512 px and 4 / 256 px.
 TUNE_PEAK_GIB = {
-    ("fast", "all"): (16.0, 28.5),
-    ("fast", "attention"): (8.9, 25.1),
-    ("low_vram", "all"): (9.5, 1.9),          # 11.38 GiB at batch 16, 9.96 at batch 4
-    ("low_vram", "attention"): (6.6, 1.8),    # 8.39 GiB at batch 16
+    ("fast", "all"): (16.0, 28.5, 0.0),
+    ("fast", "attention"): (8.9, 25.1, 0.0),
+    ("low_vram", "all"): (6.33, 0.23, 0.34),      # 6.90 GiB at batch 16, 6.73 at batch 4, 6.43 at batch 4 / 256 px
+    ("low_vram", "attention"): (4.93, 0.02, 0.0),  # 4.95 GiB at batch 16, 4.94 at batch 4
 }
 HEADROOM = 1.1                         # the allocator's rounding and fragmentation, the host's own buffers
 
 
 def tune_peak(mode: str, trains: str = "all", batch_size: int = 16, resolution: int = 512) -> float:
     """Estimated peak GPU memory (bytes) of an SD1.5 tune in `mode`, from the table above."""
-    fixed, activations = TUNE_PEAK_GIB[(mode, trains)]
-    return (fixed + activations * batch_size * resolution ** 2 / (16 * 512 ** 2)) * 2**30
+    from .tune import memory_settings
+    fixed, activations, layer = TUNE_PEAK_GIB[(mode, trains)]
+    pixels = resolution ** 2 / 512 ** 2
+    at_once = min(batch_size, memory_settings(mode).get("layer_chunk") or batch_size)
+    return (fixed + activations * batch_size / 16 * pixels + layer * at_once / 4 * pixels) * 2**30
 
 
 def available_memory(device) -> int:

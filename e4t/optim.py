@@ -15,6 +15,7 @@ ever held; global gradient clipping cannot be applied then (it needs every gradi
 import torch
 
 BLOCK = 256
+PIECE = 1 << 22           # elements updated at once (a multiple of BLOCK): bounds the step's fp32 temporaries
 
 
 def stochastic_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -41,68 +42,87 @@ def _levels(kind: str) -> torch.Tensor:
     return (mags / mags.max()).float()
 
 
+def state_zeros(shape, dtype, device, held) -> torch.Tensor:
+    """Optimizer state for tensors on `device`, held on `held` (None: `device`); CPU memory that serves a GPU is
+    pinned, so pieces move without a staging copy."""
+    held = torch.device(device if held is None else held)
+    pin = held.type == "cpu" and torch.device(device).type == "cuda"
+    return torch.zeros(shape, dtype=dtype, device=held, pin_memory=pin)
+
+
 class Quantized8:
     """A flat fp32 vector stored as 8-bit codes with one fp32 scale (absolute maximum) per block of 256, rounded
-    stochastically (unbiased) between the two nearest code values."""
+    stochastically (unbiased) between the two nearest code values. Codes and scales may be held on another
+    device than the one computing (`held`); pieces move when read or written."""
 
-    def __init__(self, n: int, device, kind: str):
-        self.n = n
+    def __init__(self, n: int, device, kind: str, held=None):
+        self.n, self.device = n, torch.device(device)
         blocks = (n + BLOCK - 1) // BLOCK
         self.levels = _levels(kind).to(device)
         zero = int(self.levels.abs().argmin())
-        self.codes = torch.full((blocks * BLOCK,), zero, dtype=torch.uint8, device=device)
-        self.scale = torch.zeros(blocks, dtype=torch.float32, device=device)
+        self.codes = state_zeros(blocks * BLOCK, torch.uint8, device, held).fill_(zero)
+        self.scale = state_zeros(blocks, torch.float32, device, held)
 
-    def get(self) -> torch.Tensor:
-        x = self.levels[self.codes.long()].view(-1, BLOCK) * self.scale[:, None]
-        return x.flatten()[:self.n]
+    def get(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Values [start, end)."""
+        end = self.n if end is None else end
+        b0, b1 = start // BLOCK, -(-end // BLOCK)
+        codes, scale = (t.to(self.device, non_blocking=True) for t in (self.codes[b0 * BLOCK:b1 * BLOCK], self.scale[b0:b1]))
+        x = self.levels[codes.int()].view(-1, BLOCK) * scale[:, None]
+        return x.flatten()[start - b0 * BLOCK:end - b0 * BLOCK]
 
-    def set(self, x: torch.Tensor, generator: torch.Generator):
-        blocks = torch.nn.functional.pad(x.float(), (0, self.codes.numel() - self.n)).view(-1, BLOCK)
+    def set(self, x: torch.Tensor, generator: torch.Generator, start: int = 0):
+        """Store x as values [start, start + len(x)) (start a multiple of the block; x ends at a block's end or at n)."""
+        b0, b1 = start // BLOCK, -(-(start + x.numel()) // BLOCK)
+        blocks = torch.nn.functional.pad(x.float(), (0, (b1 - b0) * BLOCK - x.numel())).view(-1, BLOCK)
         scale = blocks.abs().amax(1)
         y = (blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).flatten()
         hi = torch.searchsorted(self.levels, y.clamp(self.levels[0], 1.0), out_int32=True)
-        hi = hi.clamp_(1, len(self.levels) - 1).long()
+        hi = hi.clamp_(1, len(self.levels) - 1)
         lo_v, hi_v = self.levels[hi - 1], self.levels[hi]
         up = torch.rand(y.shape, device=y.device, generator=generator) * (hi_v - lo_v) < (y - lo_v)
-        self.codes.copy_(torch.where(up, hi, hi - 1).to(torch.uint8))
-        self.scale.copy_(scale)
+        self.codes[b0 * BLOCK:b1 * BLOCK].copy_((hi - (~up).int()).to(torch.uint8))
+        self.scale[b0:b1].copy_(scale)
 
 
 class _Bucket:
     """Consecutive parameters (one device) and their moments in flat buffers."""
 
-    def __init__(self, params, states: str, generator):
+    def __init__(self, params, states: str, generator, held=None):
         self.params = params
         self.sizes = [p.numel() for p in params]
-        n, device = sum(self.sizes), params[0].device
+        n, self.device = sum(self.sizes), params[0].device
         self.step = 0
         if states == "8bit":   # v on a log scale, and m / sqrt(v) (bounded for Adam) on a linear one
-            self.v, self.r = Quantized8(n, device, "log"), Quantized8(n, device, "linear")
+            self.v, self.r = Quantized8(n, self.device, "log", held), Quantized8(n, self.device, "linear", held)
         else:
-            self.flat = torch.zeros(2, n, dtype=torch.bfloat16 if states == "bf16" else torch.float32, device=device)
+            self.flat = state_zeros((2, n), torch.bfloat16 if states == "bf16" else torch.float32, self.device, held)
         self.states, self.generator = states, generator
 
-    def moments(self):
+    def moments(self, start: int = 0, end: int | None = None):
+        """(m, v) of elements [start, end) in fp32."""
         if self.states == "8bit":
-            v = self.v.get()
-            return self.r.get() * v.sqrt(), v
-        return self.flat[0].float(), self.flat[1].float()
+            v = self.v.get(start, end)
+            return self.r.get(start, end) * v.sqrt(), v
+        return tuple(self.flat[i, start:end].to(self.device).float() for i in (0, 1))
 
-    def store(self, m, v):
-        """8 bits: a step uses m / sqrt(v), so that ratio is what is stored on a linear scale, with an error that is
+    def store(self, m, v, start: int = 0):
+        """Store the moments of elements [start, start + len(m)).
+
+        8 bits: a step uses m / sqrt(v), so that ratio is what is stored on a linear scale, with an error that is
         small next to the update itself: v is stored first (unbiased), then m / sqrt(stored v) (0 where that is 0,
         which only denormal gradients give)."""
+        end = start + m.numel()
         if self.states == "8bit":
-            self.v.set(v, self.generator)
-            s = self.v.get().sqrt()
-            self.r.set(torch.where(s > 0, m / s.clamp_min(torch.finfo(torch.float32).tiny), 0.0), self.generator)
+            self.v.set(v, self.generator, start)
+            s = self.v.get(start, end).sqrt()
+            self.r.set(torch.where(s > 0, m / s.clamp_min(torch.finfo(torch.float32).tiny), 0.0), self.generator, start)
         elif self.states == "bf16":
-            self.flat[0].copy_(stochastic_bf16(m, self.generator))
-            self.flat[1].copy_(stochastic_bf16(v, self.generator))
+            self.flat[0, start:end].copy_(stochastic_bf16(m, self.generator))
+            self.flat[1, start:end].copy_(stochastic_bf16(v, self.generator))
         else:
-            self.flat[0].copy_(m)
-            self.flat[1].copy_(v)
+            self.flat[0, start:end].copy_(m)
+            self.flat[1, start:end].copy_(v)
 
 
 def _copy_back(params, flat):
@@ -121,14 +141,16 @@ class CompactAdamW(torch.optim.Optimizer):
     bases: {parameter: frozen tensor}; such a parameter is a delta and the weight is base + delta.
     loss_scale: gradients are divided by it (fp16 dynamic loss scaling); a bucket whose gradients are not finite
     is then left as it was and `finished()` says so (the caller retries those buckets with a smaller scale).
-    Otherwise a non-finite gradient clears the device flag `finite` (read once per step by the caller)."""
+    Otherwise a non-finite gradient clears the device flag `finite` (read once per step by the caller).
+    held: where the moments are held (None: with their parameters; "cpu": in CPU memory, moved to the GPU a piece at
+    a time for the update, which costs two transfers of the state per step and frees it from the GPU)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, states="bf16",
-                 chunk=1 << 23, bases=None):
+                 chunk=1 << 23, bases=None, held=None):
         if states not in ("fp32", "bf16", "8bit"):
             raise ValueError(f"unknown optimizer_states {states!r}: use 'fp32', 'bf16' or '8bit'")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.states, self.chunk, self.bases = states, chunk, bases or {}
+        self.states, self.chunk, self.bases, self.held = states, chunk, bases or {}, held
         self.loss_scale = 1.0
         self.finite = None                       # device flag: every gradient of this step was finite
         self._generators = {}                    # per device, fixed seed: a tune stays reproducible
@@ -158,7 +180,7 @@ class CompactAdamW(torch.optim.Optimizer):
             return None
         if not self._forming:
             return None
-        bucket = _Bucket(self._forming, self.states, self._generator(self._forming[0].device))
+        bucket = _Bucket(self._forming, self.states, self._generator(self._forming[0].device), self.held)
         self._buckets.append(bucket)
         self._of.update({q: bucket for q in self._forming})
         self._forming = []
@@ -178,24 +200,27 @@ class CompactAdamW(torch.optim.Optimizer):
         self.finite = finite if self.finite is None else self.finite & finite
         lr, (b1, b2), eps, wd = (self._group[k] for k in ("lr", "betas", "eps", "weight_decay"))
         bucket.step += 1
-        m, v = bucket.moments()
-        m.lerp_(g, 1 - b1)                                                     # m = b1 m + (1 - b1) g
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)                                # v = b2 v + (1 - b2) g²
-        bucket.store(m, v)                                                     # (fp32: m, v are the state)
-        del g
-        update = (m / (1 - b1 ** bucket.step)).div_((v / (1 - b2 ** bucket.step)).sqrt_().add_(eps))
         new = torch.cat([p.flatten() for p in ps]).float()
         if wd:                                                                 # decoupled decay of the weight
             weight = new
             if any(p in self.bases for p in ps):
                 weight = new + torch.cat([self.bases.get(p, torch.zeros_like(p)).flatten().float() for p in ps])
             new.sub_(weight, alpha=lr * wd)
-        new.sub_(update, alpha=lr)
+            del weight
+        for start in range(0, len(g), PIECE):                                 # the update's temporaries: a piece's
+            gp = g[start:start + PIECE]
+            m, v = bucket.moments(start, start + len(gp))
+            m.lerp_(gp, 1 - b1)                                                # m = b1 m + (1 - b1) g
+            v.mul_(b2).addcmul_(gp, gp, value=1 - b2)                          # v = b2 v + (1 - b2) g²
+            bucket.store(m, v, start)                                          # (fp32: m, v are the state)
+            update = (m / (1 - b1 ** bucket.step)).div_((v / (1 - b2 ** bucket.step)).sqrt_().add_(eps))
+            new[start:start + len(gp)].sub_(update, alpha=lr)
+        del g
         for dtype in {p.dtype for p in ps}:
             idx = [i for i, p in enumerate(ps) if p.dtype == dtype]
             part = torch.cat([new.split(bucket.sizes)[i] for i in idx]) if len(idx) < len(ps) else new
             if dtype == torch.bfloat16:
-                part = stochastic_bf16(part, bucket.generator)
+                part = torch.cat([stochastic_bf16(x, bucket.generator) for x in part.split(PIECE)])
             _copy_back([ps[i] for i in idx], part)
         return True
 
@@ -260,8 +285,8 @@ class CompactAdamW(torch.optim.Optimizer):
     def moments(self, p) -> tuple:
         """(m, v) of parameter `p` as stored, in fp32 (for inspection)."""
         bucket = self._of[p]
-        start = sum(bucket.sizes[:bucket.params.index(p)])
-        return tuple(x[start:start + p.numel()].view_as(p) for x in bucket.moments())
+        start = sum(bucket.sizes[:next(i for i, q in enumerate(bucket.params) if q is p)])
+        return tuple(x.view_as(p) for x in bucket.moments(start, start + p.numel()))
 
     def state_tensors(self) -> list:
         """The tensors of optimizer state held (moments and their scales)."""

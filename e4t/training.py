@@ -181,10 +181,11 @@ class UNetWeights:
 
 
 @contextmanager
-def parametrized(unet: nn.Module, weight, extra: dict, checkpointing: bool):
+def parametrized(unet: nn.Module, weight, extra: dict, checkpointing: bool, chunk: int = 0):
     """Run `unet` (a structural clone) with `weight(name)` for every parameter, `extra` ({name: tensor}) taking
     precedence. Each layer of the U-Net's blocks gets its tensors when it runs, inside its gradient checkpoint when
-    `checkpointing` (then what a layer forms, W0 + D included, is recomputed in backward instead of kept)."""
+    `checkpointing` (then what a layer forms, W0 + D included, is recomputed in backward instead of kept).
+    chunk: with checkpointing, a layer runs (and is recomputed) `chunk` samples at a time (0: the whole batch)."""
     blocks = _units(unet)
     owned, outer = {p: [] for p in blocks}, []
     for n, _ in unet.named_parameters():
@@ -204,9 +205,12 @@ def parametrized(unet: nn.Module, weight, extra: dict, checkpointing: bool):
         def run(*args, **kwargs):
             with substituted(block, {short: get(n) for n, short in local}):
                 return forward(*args, **kwargs)
-        if checkpointing:
+        if not checkpointing:
+            return run
+        if not chunk:
             return lambda *args, **kwargs: checkpoint(run, *args, use_reentrant=False, **kwargs)
-        return run
+        return lambda *args, **kwargs: _in_chunks(lambda *a, **k: checkpoint(run, *a, use_reentrant=False, **k),
+                                                  chunk, args, kwargs)
 
     try:
         for prefix, block in blocks.items():
@@ -219,6 +223,58 @@ def parametrized(unet: nn.Module, weight, extra: dict, checkpointing: bool):
                 block.__dict__.pop("forward", None)
             else:
                 block.forward = own[prefix]
+
+
+def _in_chunks(layer, chunk: int, args: tuple, kwargs: dict):
+    """layer(*args, **kwargs) for `chunk` samples at a time, outputs concatenated. Every layer of an SD U-Net works
+    on each sample alone (group norms and attention are per sample), so this is the same computation; what a
+    checkpointed layer holds while it is recomputed in backward shrinks by batch / chunk. Tensor arguments whose
+    first dimension is the batch are split; the rest (contexts of batch 1, options) are passed whole."""
+    batch = args[0].shape[0]
+    if batch <= chunk:
+        return layer(*args, **kwargs)
+
+    def part(a, i):
+        return a[i:i + chunk] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a
+    return torch.cat([layer(*(part(a, i) for a in args), **{k: part(v, i) for k, v in kwargs.items()})
+                      for i in range(0, batch, chunk)])
+
+
+HOLD_MIN_BYTES = 1 << 20
+
+
+def offloads(device: torch.device) -> bool:
+    """Whether activations kept for backward can move to CPU memory: on a GPU (elsewhere memory is one pool)."""
+    return device.type == "cuda"
+
+
+def hold_on_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A pinned CPU copy of `t`, copied without waiting (later kernels on the stream run after the copy)."""
+    held = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return held.copy_(t, non_blocking=True)
+
+
+def back_from_cpu(device: torch.device, held: torch.Tensor) -> torch.Tensor:
+    return held.to(device, non_blocking=True)
+
+
+@contextmanager
+def activations_on_cpu(enabled: bool):
+    """Activations autograd keeps for backward (with checkpointing: each layer's input) are held in CPU memory and
+    come back to the device when backward needs them. Leaves (weights, frozen or trained) and small tensors stay."""
+    if not enabled:
+        yield
+        return
+
+    def pack(t):
+        if t.grad_fn is None or not offloads(t.device) or t.numel() * t.element_size() < HOLD_MIN_BYTES:
+            return t
+        return t.device, hold_on_cpu(t)
+
+    def unpack(saved):
+        return saved if isinstance(saved, torch.Tensor) else back_from_cpu(*saved)
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 @dataclass
@@ -240,6 +296,8 @@ class Objective:
     reg_lambda: float
     checkpointing: bool = False
     autocast_dtype: torch.dtype | None = None
+    chunk: int = 0               # samples per recomputed layer (see `parametrized`)
+    offload: bool = False        # activations kept for backward held in CPU memory (see `activations_on_cpu`)
 
     def backward(self, tokens, x0, noise, t, prompts, masks=None, accumulation: int = 1, loss_scale: float = 1.0):
         """tokens (b|1, n, d) image features; x0, noise (b, 4, h, w); t (b,); masks (b, 1, h, w) or None.
@@ -266,8 +324,9 @@ class Objective:
         for mb in torch.arange(x0.shape[0]).split(x0.shape[0] // accumulation):
             feats = ImageFeatures(tokens=tokens if tokens.shape[0] == 1 else tokens[mb])
             xt = noisy(x0[mb], noise[mb], acp[t[mb]])
-            with parametrized(self.unet, self.weights, leaves, self.checkpointing), \
-                    computing_in(self.unet, torch.float32 if fp32 else None):
+            with parametrized(self.unet, self.weights, leaves, self.checkpointing, self.chunk), \
+                    computing_in(self.unet, torch.float32 if fp32 else None), \
+                    activations_on_cpu(self.offload and offloads(device)):
                 with autocast:
                     e = self.encoder(feats, unet_features(self.unet, xt, t[mb], self.empty_context, dtype))
                     w = placeholder_word(self.e_domain, e.float(), self.scale)

@@ -23,6 +23,7 @@ from .encoder import Encoder, ImageFeatures
 from .offsets import Offsets
 from .optim import CompactAdamW
 from .precision import Precision, training_precision
+from . import training
 from .training import Objective, UNetWeights, structural_clone, training_mode
 
 TEMPLATES = {                            # "published": the tune's prompts; "normal": pre-training's
@@ -50,7 +51,10 @@ class TuneConfig:
     weight_decay: float = 0.01
     accumulation: int = 1                # micro-batches per step; batch_size must divide evenly
     checkpointing: bool = False          # recompute U-Net activations in backward (low-VRAM mode)
+    layer_chunk: int = 0                 # with checkpointing: samples per layer run and recompute (0: whole batch)
     optimizer_states: str = "fp32"       # Adam's moments stored in "fp32", "bf16" (half) or "8bit" (a quarter)
+    offload_optimizer: bool = False      # on a GPU: Adam's moments held in CPU memory, moved in a piece at a time
+    offload_activations: bool = False    # activations kept for backward held in CPU memory (on a GPU)
     unet_weights: str = "master"         # "master": fp32 trainable copies; "delta": bf16 deltas on the host's weights
     fused_step: bool = False             # optimizer step inside backward: no persistent gradients, no global clipping
     seed: int = 0
@@ -67,7 +71,8 @@ PRESETS = {
 MEMORY_MODES = {
     "fast": {},
     # the same recipe (heads + offsets + U-Net, the whole batch, AdamW), without fp32 copies or stored gradients
-    "low_vram": dict(checkpointing=True, optimizer_states="8bit", unet_weights="delta", fused_step=True),
+    "low_vram": dict(checkpointing=True, optimizer_states="8bit", unet_weights="delta", fused_step=True,
+                     layer_chunk=4, offload_optimizer=True, offload_activations=True),
 }
 
 
@@ -219,18 +224,19 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     compute = (autocast_dtype or torch.float32) if cfg.unet_weights == "delta" else (None if autocast_dtype else torch.float32)
     weights = UNetWeights(unet, trained, cfg.unet_weights, compute)
     params = enc.heads() + list(offs.parameters()) + weights.trainable()
-    if cfg.optimizer_states == "fp32" and not cfg.fused_step and cfg.unet_weights == "master":
+    if cfg.optimizer_states == "fp32" and not (cfg.fused_step or cfg.offload_optimizer) and cfg.unet_weights == "master":
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                 fused=device.type == "cuda")   # one kernel for all parameters on the GPU
     else:
         opt = CompactAdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                           states=cfg.optimizer_states, bases=weights.bases())
+                           states=cfg.optimizer_states, bases=weights.bases(),
+                           held="cpu" if cfg.offload_optimizer and training.offloads(device) else None)
     if cfg.fused_step:
         opt.step_in_backward()
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, weights, text_encode, e_domain.detach().to(device, torch.float32).clone(),
                           empty_context.detach().to(device).clone(), acp, scale, cfg.prediction, cfg.regularizer,
-                          cfg.reg_lambda, cfg.checkpointing, autocast_dtype)
+                          cfg.reg_lambda, cfg.checkpointing, autocast_dtype, cfg.layer_chunk, cfg.offload_activations)
     loss_scale = precision.loss_scale
 
     losses = []

@@ -38,6 +38,11 @@ def test_known_program():
         y.sum().backward()
         assert live.now == 3 * 2**18               # + x.grad; the scalar sum is gone with its graph
         assert live.peak >= 4 * 2**18              # relu's gradient and x.grad alive at once in backward
+        peak = live.peak
+        elsewhere = torch.empty(2**20)             # 4 MiB: counted, then declared held off the device
+        live.ignore(elsewhere)
+        elsewhere.mul_(2)                          # an in-place result is the same storage: still not counted
+        assert live.now == 3 * 2**18 and live.peak == max(peak, 3 * 2**18 + 2**22)
 
 
 def test_tune_estimate_tiny(unet, clip):
@@ -69,6 +74,11 @@ def test_tune_estimate_tiny(unet, clip):
                                      text_model=text, encoder_config=enc_cfg, clone_norm_inputs=in_place_residuals())
     # bf16 moments in flat chunks: half, less the 512-byte rounding of each fp32 moment tensor
     assert 0.45 < lean.breakdown["optimizer"] / est.breakdown["optimizer"] <= 0.5
+    held = memory.estimate_tune_peak(unet, e4t.TuneConfig(batch_size=4, resolution=64, trains="all", checkpointing=True,
+                                                          optimizer_states="bf16", offload_optimizer=True),
+                                     text_model=text, encoder_config=enc_cfg, clone_norm_inputs=in_place_residuals())
+    assert held.breakdown["optimizer"] == 0                          # moments held in CPU memory are not counted
+    assert lean.peak - lean.breakdown["optimizer"] <= held.peak < lean.peak
     again = memory.estimate_tune_peak(unet, cfg, text_model=text, encoder_config=enc_cfg,
                                       clone_norm_inputs=in_place_residuals())
     assert again.peak == est.peak and again.seconds == 0.0          # cached

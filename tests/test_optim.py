@@ -22,7 +22,7 @@ def run_adamw(start, grads, lr=1e-2, wd=0.01):
     return [p.detach() for p in params], opt
 
 
-def run_compact(start, grads, states, fused=False, delta=False, lr=1e-2, wd=0.01, chunk=1 << 23):
+def run_compact(start, grads, states, fused=False, delta=False, lr=1e-2, wd=0.01, chunk=1 << 23, held=None):
     """CompactAdamW on the same gradients; `delta`: trains bf16 deltas over the start values as frozen bases;
     `fused`: the gradients arrive through backward and the step runs inside it."""
     if delta:
@@ -30,7 +30,7 @@ def run_compact(start, grads, states, fused=False, delta=False, lr=1e-2, wd=0.01
         bases = dict(zip(params, start))
     else:
         params, bases = [p.clone().requires_grad_() for p in start], None
-    opt = e4t.CompactAdamW(params, lr=lr, weight_decay=wd, states=states, chunk=chunk, bases=bases)
+    opt = e4t.CompactAdamW(params, lr=lr, weight_decay=wd, states=states, chunk=chunk, bases=bases, held=held)
     if fused:
         opt.step_in_backward()
     for step_grads in grads:
@@ -167,3 +167,32 @@ def test_fp16_overflow_skips_the_bucket_and_the_retry_updates_only_what_was_left
 def test_unknown_states_are_refused():
     with pytest.raises(ValueError, match="optimizer_states"):
         e4t.CompactAdamW([torch.zeros(3, requires_grad=True)], states="int4")
+
+
+def test_an_update_in_pieces_is_the_same_update(monkeypatch):
+    """A bucket's update runs PIECE elements at a time (its fp32 temporaries are a piece's, not a 30 M-element
+    weight's): the same weights and moments as in one piece (fp32 moments: exact), and 8-bit moments are read back
+    where each piece stored them (a piece boundary inside a tensor, moments of a tensor that starts mid-block)."""
+    start, grads = random_problem(steps=4)
+    whole, _ = run_compact(start, grads, "fp32")
+    monkeypatch.setattr(e4t.optim, "PIECE", 512)                   # the 3072-element weight in six pieces
+    pieces, _ = run_compact(start, grads, "fp32")
+    assert all(torch.equal(a, b) for a, b in zip(whole, pieces))
+    exact = run_compact(start, grads, "fp32")[1]
+    quantized = run_compact(start, grads, "8bit")[1]
+    for i in (0, 1):                                                  # the 7-vector starts at element 3072 of 3091
+        p, q = exact._group["params"][i], quantized._group["params"][i]
+        for a, b in zip(exact.moments(p), quantized.moments(q)):
+            assert a.shape == b.shape == p.shape
+            assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_moments_held_elsewhere_give_the_same_tune():
+    """held="cpu" keeps the moments in CPU memory and moves a piece at a time to the parameters' device; on a CPU the
+    path (copies in and out of the held buffers) must give exactly the same weights and moments."""
+    start, grads = random_problem(steps=4)
+    for states in STATES:
+        here, opt_a = run_compact(start, grads, states, fused=True, delta=True)
+        held, opt_b = run_compact(start, grads, states, fused=True, delta=True, held="cpu")
+        assert all(torch.equal(a, b) for a, b in zip(here, held))
+        assert opt_a.state_bytes() == opt_b.state_bytes()

@@ -135,6 +135,29 @@ def test_accumulation_keeps_the_loss_and_the_update(model, clip, vae, encoder):
     torch.testing.assert_close(one.unet_delta["out.2.weight"], four.unet_delta["out.2.weight"], rtol=1e-3, atol=1e-7)
 
 
+def test_layers_in_chunks_and_activations_held_on_the_cpu_give_the_same_tune(model, clip, vae, encoder, monkeypatch):
+    """low_vram runs each checkpointed layer a few samples at a time (every SD layer works per sample) and holds what
+    backward keeps in CPU memory on a GPU. Chunks: the same tune up to float rounding. Held activations (the hold
+    made to run on this CPU, every size): bit-identical, and what is held is the layers' inputs, not weights."""
+    from e4t import training
+    cfg = TuneConfig(steps=2, batch_size=4, lr=1e-3, resolution=64, checkpointing=True, fused_step=True,
+                     unet_weights="delta", optimizer_states="8bit")
+    _, _, _, _, whole, chunks = tuned_both_ways(model, clip, vae, encoder, cfg, 9, layer_chunk=1)
+    assert whole.losses == pytest.approx(chunks.losses, rel=1e-5)
+    for k in ("out.2.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", "input_blocks.1.0.in_layers.2.weight"):
+        assert torch.nn.functional.cosine_similarity(whole.unet_delta[k].float().flatten(),
+                                                     chunks.unet_delta[k].float().flatten(), dim=0) > 0.999
+    held = []
+    monkeypatch.setattr(training, "offloads", lambda device: True)
+    monkeypatch.setattr(training, "HOLD_MIN_BYTES", 0)
+    monkeypatch.setattr(training, "hold_on_cpu", lambda t: held.append(t) or t.clone())
+    _, _, _, _, plain, offloaded = tuned_both_ways(model, clip, vae, encoder, cfg, 9, offload_activations=True)
+    assert plain.losses == offloaded.losses
+    assert all(torch.equal(plain.unet_delta[k], offloaded.unet_delta[k]) for k in plain.unet_delta)
+    assert held and all(t.grad_fn is not None for t in held)
+    assert any(t.dim() == 4 and t.shape[-2:] == (8, 8) for t in held)      # the U-Net layers' inputs (8x8 latents)
+
+
 def test_checkpointing_gives_the_same_step(model, clip, vae, encoder):
     cfg = TuneConfig(steps=2, batch_size=4, lr=1e-3, resolution=64)
     unet, _, _, _, plain, ckpt = tuned_both_ways(model, clip, vae, encoder, cfg, 9, checkpointing=True)
@@ -258,7 +281,8 @@ def test_low_vram_optimizer_states_train_the_same_weights(model, clip, vae, enco
 def test_memory_modes_name_their_settings():
     assert e4t.memory_settings("fast") == {}
     assert e4t.memory_settings("low_vram") == dict(checkpointing=True, optimizer_states="8bit", unet_weights="delta",
-                                                   fused_step=True)
+                                                   fused_step=True, layer_chunk=4, offload_optimizer=True,
+                                                   offload_activations=True)
     with pytest.raises(ValueError, match="memory mode"):
         e4t.memory_settings("auto")
 
