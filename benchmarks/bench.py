@@ -151,7 +151,7 @@ class Setup:
         return torch.randn(images.shape[0], 4, images.shape[2] // 8, images.shape[3] // 8, device=images.device)
 
     def tune(self, steps, batch, memory, trains="all", progress=None):
-        cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5, templates=("a photo of {}",),
+        cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5,
                              trains=trains, **e4t.memory_settings(memory))
         precision = e4t.Precision(self.dtype if self.device.type == "cuda" else None)
         return e4t.tune(self.unet, self.encoder, self.offsets, self.image, text_encode=self.text_encode,

@@ -205,7 +205,7 @@ def main():
     source = e4t.E4TWeights(config=e4t.DomainConfig(encoder=dict(s.encoder.cfg.__dict__), backbone_sha256="bench"),
                             encoder=s.encoder, offsets=s.offsets)
     cfg = e4t.TuneConfig(steps=args.steps, batch_size=args.batch, resolution=args.res, lr=args.lr, trains=args.trains,
-                         templates=("a photo of {}",), **e4t.memory_settings("low_vram"))
+                         **e4t.memory_settings("low_vram"))
     result, t_tune, cached = tuned(s, source, args, cfg, args.cache)
     exact = e4t.E4TWeights(config=source.config, encoder=result.encoder, offsets=result.offsets,
                            unet_delta=result.unet_delta)

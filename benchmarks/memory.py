@@ -84,7 +84,7 @@ def main():
     for pair in args.tunes.split(","):
         mode, trains = pair.split(":")
         for extra in extras:
-            cfg = e4t.TuneConfig(batch_size=args.batch, resolution=res, lr=1e-5, templates=("a photo of {}",),
+            cfg = e4t.TuneConfig(batch_size=args.batch, resolution=res, lr=1e-5,
                                  trains=trains, **{**e4t.memory_settings(mode), **extra})
             est = memory.estimate_tune_peak(unet, cfg, text_model=text, autocast_dtype=autocast, weight_dtype=weights,
                                             clone_norm_inputs=comfy_models.in_place_residuals(),

@@ -58,7 +58,6 @@ def concept_metadata(*, host: str, source: str, source_sha256: str, image_sha256
     kind ("face", "cat")."""
     source = source_name(source)
     settings = asdict(tune)
-    settings["templates"] = list(settings["templates"])
     return {"schema": SCHEMA, "host": host, "source": source, "source_sha256": source_sha256,
             "base_model": base_model, "base_fingerprint": base_fingerprint, "image_sha256": image_sha256,
             "mask": mask, "tune": settings, "losses": [round(float(x), 6) for x in losses],

@@ -21,14 +21,10 @@ def placeholder_word(e_domain: torch.Tensor, e: torch.Tensor, scale: float) -> t
     return e_domain.to(e.dtype) + scale * e
 
 
-def regularizer(kind: str, w: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """`published`: Σ w² over the batch and the whole injected vector (domain embedding included),
-    as mkshing/e4t-diffusion trains; `paper`: mean of E(...)² on the encoder output (eq. 2)."""
-    if kind == "published":
-        return w.float().pow(2).sum()
-    if kind == "paper":
-        return e.float().pow(2).mean()
-    raise ValueError(f"unknown regularizer {kind!r}: use 'published' or 'paper'")
+def regularizer(w: torch.Tensor) -> torch.Tensor:
+    """Σ w² over the batch and the whole injected vector (domain embedding included), as mkshing/e4t-diffusion
+    trains (the paper's eq. 2 writes a mean of E(...)² instead; the published weights were trained with this)."""
+    return w.float().pow(2).sum()
 
 
 def noisy(x0, noise, acp_t):

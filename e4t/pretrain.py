@@ -109,7 +109,7 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, UNetWeights(unet, set(), compute=None if autocast_dtype else torch.float32), text_encode,
                           e_domain.detach().to(device, torch.float32).clone(), empty_context.detach().to(device).clone(),
-                          acp, domain.scale, cfg.prediction, "published", cfg.reg_lambda, cfg.checkpointing,
+                          acp, domain.scale, cfg.prediction, cfg.reg_lambda, cfg.checkpointing,
                           autocast_dtype)
     start = 0
     if resume:

@@ -290,9 +290,8 @@ class Objective:
     e_domain: torch.Tensor
     empty_context: torch.Tensor
     alphas_cumprod: torch.Tensor
-    scale: float                 # these four from the caller's config (TuneConfig, PretrainConfig): no second default
+    scale: float                 # these three from the caller's config (TuneConfig, PretrainConfig): no second default
     prediction: str
-    regularizer: str
     reg_lambda: float
     checkpointing: bool = False
     autocast_dtype: torch.dtype | None = None
@@ -317,9 +316,8 @@ class Objective:
         # for SD1.5) is recomputed for the final backward instead of being kept through the step.
         merged = checkpoint(merged_weights, use_reentrant=False) if self.checkpointing else merged_weights()
         leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
-        # The diffusion term is a mean and the paper's regulariser a mean: each micro-batch carries its
-        # share; the published regulariser is a sum over the batch: each micro-batch adds its own part.
-        reg_share = 1.0 if self.regularizer == "published" else 1 / accumulation
+        # The diffusion term is a mean: each micro-batch carries its share; the regulariser is a sum over the
+        # batch: each micro-batch adds its own part.
         total = 0.0
         for mb in torch.arange(x0.shape[0]).split(x0.shape[0] // accumulation):
             feats = ImageFeatures(tokens=tokens if tokens.shape[0] == 1 else tokens[mb])
@@ -334,7 +332,7 @@ class Objective:
                     pred = self.unet(xt, timesteps=t[mb], context=context)
                 loss = diffusion_loss(pred, target(self.prediction, x0[mb], noise[mb], acp[t[mb]]),
                                       None if masks is None else masks[mb])
-                loss = loss / accumulation + reg_share * self.reg_lambda * regularizer(self.regularizer, w, e)
+                loss = loss / accumulation + self.reg_lambda * regularizer(w)
                 (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             total += float(loss.detach())
         grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in merged]

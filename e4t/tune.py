@@ -34,20 +34,20 @@ TEMPLATES = {                            # "published": the tune's prompts; "nor
 }
 
 
+GRAD_CLIP = 1.0                          # global gradient-norm clipping of the published tune (not with fused_step)
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     steps: int = 15
     batch_size: int = 16
     lr: float = 1.6e-5
     reg_lambda: float = 1e-4             # the one tune default, shown by both hosts and the CLI (published; see DomainConfig)
-    regularizer: str = "published"       # or "paper"
     trains: str = "all"                  # heads + offsets + whole U-Net; "attention": U-Net attention only
     augmentation: str = "published"      # one crop repeated; "varied": n_augmentations cached crops
     n_augmentations: int = 8
     resolution: int = 512
-    templates: tuple = TEMPLATES["published"]
     prediction: str = "eps"              # or "v"
-    grad_clip: float = 1.0               # global gradient-norm clipping (not applied with fused_step)
     weight_decay: float = 0.01
     accumulation: int = 1                # micro-batches per step; batch_size must divide evenly
     checkpointing: bool = False          # recompute U-Net activations in backward (low-VRAM mode)
@@ -235,7 +235,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
         opt.step_in_backward()
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, weights, text_encode, e_domain.detach().to(device, torch.float32).clone(),
-                          empty_context.detach().to(device).clone(), acp, scale, cfg.prediction, cfg.regularizer,
+                          empty_context.detach().to(device).clone(), acp, scale, cfg.prediction,
                           cfg.reg_lambda, cfg.checkpointing, autocast_dtype, cfg.layer_chunk, cfg.offload_activations)
     loss_scale = precision.loss_scale
 
@@ -247,7 +247,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
         pick = torch.randint(0, n_crops, (cfg.batch_size,), generator=generator)
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=generator).to(device)
         t = torch.randint(0, len(acp), (cfg.batch_size,), generator=generator).to(device)
-        prompts = [rng.choice(cfg.templates).format(placeholder) for _ in range(cfg.batch_size)]
+        prompts = [rng.choice(TEMPLATES["published"]).format(placeholder) for _ in range(cfg.batch_size)]
         while True:                                # once, or again with a halved loss scale after an fp16 overflow
             if cfg.fused_step:
                 opt.begin()
@@ -289,7 +289,7 @@ def _stepped(opt, params, cfg: TuneConfig, loss_scale: float) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if loss_scale != 1.0:
         torch._foreach_mul_(grads, 1 / loss_scale)
-    if not math.isfinite(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))):
+    if not math.isfinite(float(torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP))):
         return False
     opt.step()
     return True

@@ -123,7 +123,6 @@ def tune_config(cfg) -> None:
         raise InputError(f"batch size {cfg.batch_size} is not a multiple of the micro-batches per step "
                          f"({cfg.accumulation}); change one of them")
     number("seed", cfg.seed, 0, 2**64 - 1, integer=True)
-    number("gradient clip", cfg.grad_clip, 0)
     number("weight decay", cfg.weight_decay, 0)
 
 
