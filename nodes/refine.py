@@ -4,6 +4,12 @@ At every model evaluation the wrapper predicts w from the current noisy latent (
 path with the empty prompt) and the cached concept-image features, re-encodes only the conditioning
 made by "E4T Text Encode" with the CLIP wired into that node (its CLIP skip and LoRAs), and leaves every
 other conditioning (negative prompt included) untouched.
+
+With CFG and an empty negative prompt encoded by Apply E4T's CLIP, the negative's own U-Net pass sees the
+latent, timestep and context of that down path: it runs first, alone, its down/mid outputs (kept by the
+host's block patches) are the encoder's input, then the positive runs with the new w. Anything that could
+make that pass differ from the feature pass (another context, ControlNet, U-Net patches or wrappers) keeps
+the separate feature pass and one batched pass.
 """
 import logging
 
