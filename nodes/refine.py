@@ -67,9 +67,9 @@ class RefineState:
             self.refinement.encoder = folded
         return self.refinement
 
-    def due(self, base_model, x, sigma) -> bool:
+    def due(self, base_model, x, sigma, folded=None) -> bool:
         """Whether this evaluation predicts w afresh (not frozen below t_stop)."""
-        return self._refinement(x).due(base_model.model_sampling.timestep(sigma).float(), x.shape[0])
+        return self._refinement(x, folded).due(base_model.model_sampling.timestep(sigma).float(), x.shape[0])
 
     def is_empty_context(self, context: torch.Tensor) -> bool:
         """Whether a conditioning's context is the encoder's empty context, value for value (then the
@@ -193,7 +193,7 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
         return executor(model, conds, x_in, timestep, model_options)
     (head_patcher,) = patcher.get_additional_models_with_key(KEY)
     u = _shared_uncond(state, conds, model_options)
-    if u is None or not state.due(model, x_in, timestep):
+    if u is None or not state.due(model, x_in, timestep, head_patcher.model):
         words = state.words(model, x_in, timestep, head_patcher.model)
         return executor(model, _refined(conds, words), x_in, timestep, model_options)
     capture = FeatureCapture(model.diffusion_model)
