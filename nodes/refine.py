@@ -87,8 +87,6 @@ class RefineState:
         t = sampling.timestep(sigma).float()
         dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
         self.evaluations += 1
-        if maps is None:
-            return refinement(base_model.diffusion_model, xs, t, dtype)
         return refinement(base_model.diffusion_model, xs, t, dtype, maps=maps)
 
 
