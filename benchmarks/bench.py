@@ -214,6 +214,8 @@ def bench(args):
         profile(s, args)
     if "sampling" in args.parts:
         rows += sampling(s, device, dtype, args)
+    if "shared" in args.parts:
+        rows += shared_feature_pass(s, device, dtype, args)
     if "load" in args.parts:
         rows.append(loading(s, args))
     if "ops" in args.parts:
@@ -354,6 +356,77 @@ def sampling_at(s, device, dtype, args, n):
     return rows
 
 
+def pack_refine():
+    """The pack's `nodes/refine.py` (its FeatureCapture), imported without the rest of the node pack."""
+    import importlib
+    import types
+    root = os.path.dirname(HERE)
+    for name, path in (("e4t_pack", root), ("e4t_pack.nodes", os.path.join(root, "nodes"))):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            sys.modules[name] = package
+    return importlib.import_module("e4t_pack.nodes.refine")
+
+
+def shared_feature_pass(s, device, dtype, args):
+    """One sampling evaluation, CFG with an empty negative prompt, as the ComfyUI nodes run it: one batched
+    U-Net pass plus the separate feature pass, or the negative's pass giving the encoder's maps (captured by
+    the host's block patches) and then the positive's. Checks that both give the same w and predictions."""
+    refine = pack_refine()
+    rows = []
+    for n in args.sample_batch:
+        x = torch.randn(n, 4, s.res // 8, s.res // 8, device=device)
+        t = torch.full((n,), 500.0, device=device)
+        empty = s.empty.expand(n, -1, -1)
+        folded = s.encoder.fold(s.encoder.image_features(s.image[None]))
+        deltas = {k: d.detach() for k, d in s.offsets.deltas().items()}
+        refinement = e4t.Refinement(folded, s.e_domain, s.empty, 0.1)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+
+        @torch.no_grad()
+        def plain():
+            with autocast:
+                return s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, empty]))
+
+        @torch.no_grad()
+        def separate():
+            refinement.reset()
+            with autocast:
+                w = refinement(s.unet, x, t)
+                cond = s.slot_encoder(w).to(empty)
+                out = s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
+            return w, out.chunk(2)
+
+        @torch.no_grad()
+        def shared():
+            refinement.reset()
+            capture = refine.FeatureCapture(s.unet)
+            with autocast:
+                uncond = s.unet(x, timesteps=t, context=empty, transformer_options=capture.options({}))
+                w = refinement(s.unet, x, t, maps=capture.result())
+                cond = s.unet(x, timesteps=t, context=s.slot_encoder(w).to(empty))
+            return w, (uncond, cond)
+
+        with e4t.applied(s.unet, deltas):
+            (w_sep, (u_sep, c_sep)), (w_sh, (u_sh, c_sh)) = separate(), shared()
+            f_plain, f_sep, f_sh = flops(plain), flops(separate), flops(shared)
+            o_plain, o_sep, o_sh = ops(plain), ops(separate), ops(shared)
+            t_plain = timed(plain, device, args.repeats)
+            t_sep = timed(separate, device, args.repeats)
+            t_sh = timed(shared, device, args.repeats)
+
+        def rel(a, b):
+            return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+        rows.append((f"sampling step, {n} image(s), CFG, empty negative", f"plain {t_plain * 1e3:.1f} ms, {o_plain} ops",
+                     f"separate feature pass {t_sep * 1e3:.1f} ms ({t_sep / t_plain:.2f}x, FLOP {f_sep / f_plain:.3f}x, "
+                     f"{o_sep} ops)",
+                     f"shared {t_sh * 1e3:.1f} ms (**{t_sh / t_plain:.2f}x**, FLOP **{f_sh / f_plain:.3f}x**, {o_sh} ops)",
+                     f"shared vs separate, max diff / max: w {rel(w_sh, w_sep):.1e}, uncond {rel(u_sh, u_sep):.1e}, "
+                     f"cond {rel(c_sh, c_sep):.1e}"))
+    return rows
+
+
 def op_counts(s, device, args):
     """Dispatched operations (≈ GPU kernel launches) per sampling step and per tune step, on any device;
     the 'before' columns are the code paths issue 17 replaced, still available for comparison."""
@@ -440,7 +513,7 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, load, profile, rss, ops, text")
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, shared, load, profile, rss, ops, text")
     p.add_argument("--resolution", type=int, help="tuning resolution (default: 512, tiny 64)")
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")

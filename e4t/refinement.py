@@ -63,18 +63,24 @@ class Refinement:
         self.last, self.t_prev = None, None
         self.history = []  # (t, ‖w - e_domain‖) per prediction, for plots
 
-    @torch.no_grad()
-    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, dtype=None) -> torch.Tensor:
-        """x: the scheduler-scaled latent; a timestep above the last one starts a new run."""
+    def due(self, t: torch.Tensor, batch: int) -> bool:
+        """Whether the step at timestep t predicts w afresh (False: below `t_stop` the last prediction is
+        kept); a timestep above the last one starts a new run."""
         t_now = float(t.flatten()[0])
         if self.t_prev is not None and t_now > self.t_prev:
             self.reset()
         self.t_prev = t_now
-        frozen = self.last is not None and t_now < self.t_stop and self.last.shape[0] == x.shape[0]
-        if not frozen:
-            self.last = predict_embedding(self.encoder, unet, x, t, self.empty_context, self.e_domain,
-                                          self.scale, dtype)
+        return not (self.last is not None and t_now < self.t_stop and self.last.shape[0] == batch)
+
+    @torch.no_grad()
+    def __call__(self, unet, x: torch.Tensor, t: torch.Tensor, dtype=None, maps=None) -> torch.Tensor:
+        """x: the scheduler-scaled latent. maps: the U-Net's down/mid outputs for x, t and the empty context
+        when the host's unconditional pass already computed them (then the feature pass is not run here)."""
+        if self.due(t, x.shape[0]):
+            e = self.encoder(maps if maps is not None else unet_features(unet, x, t, self.empty_context, dtype))
+            self.last = placeholder_word(self.e_domain.to(e.device), e.float(), self.scale)
             norm = float((self.last - self.e_domain.to(self.last)).norm(dim=-1).mean())     # one sync per step
+            t_now = float(t.flatten()[0])
             if not math.isfinite(norm):
                 self.last = None
                 raise NonFiniteError(_non_finite(x, t_now))

@@ -4,6 +4,12 @@ At every model evaluation the wrapper predicts w from the current noisy latent (
 path with the empty prompt) and the cached concept-image features, re-encodes only the conditioning
 made by "E4T Text Encode" with the CLIP wired into that node (its CLIP skip and LoRAs), and leaves every
 other conditioning (negative prompt included) untouched.
+
+With CFG and an empty negative prompt encoded by Apply E4T's CLIP, the negative's own U-Net pass sees the
+latent, timestep and context of that down path: it runs first, alone, its down/mid outputs (kept by the
+host's block patches) are the encoder's input, then the positive runs with the new w. Anything that could
+make that pass differ from the feature pass (another context, ControlNet, U-Net patches or wrappers) keeps
+the separate feature pass and one batched pass.
 """
 import logging
 
@@ -53,19 +59,35 @@ class RefineState:
         self.scale, self.t_stop = scale, t_stop
         self.refinement, self.evaluations = None, 0
 
-    def words(self, base_model, x, sigma, folded=None) -> torch.Tensor:
-        """w (b, d) for the latents x at noise level sigma."""
+    def _refinement(self, x, folded=None) -> Refinement:
         if self.refinement is None or self.refinement.empty_context.device != x.device:
             self.refinement = Refinement(folded or self.folded.to(x.device), self.e_domain.to(x.device),
                                          self.empty_context.to(x.device), self.scale, self.t_stop)
         if folded is not None:
             self.refinement.encoder = folded
+        return self.refinement
+
+    def due(self, base_model, x, sigma, folded=None) -> bool:
+        """Whether this evaluation predicts w afresh (not frozen below t_stop)."""
+        return self._refinement(x, folded).due(base_model.model_sampling.timestep(sigma).float(), x.shape[0])
+
+    def is_empty_context(self, context: torch.Tensor) -> bool:
+        """Whether a conditioning's context is the encoder's empty context, value for value (then the
+        host's pass with it computes exactly the feature pass's maps)."""
+        empty = self.empty_context.to(context.device)
+        return context.shape[1:] == empty.shape[1:] and \
+            torch.equal(context.to(empty.dtype), empty.expand(context.shape[0], -1, -1))
+
+    def words(self, base_model, x, sigma, folded=None, maps=None) -> torch.Tensor:
+        """w (b, d) for the latents x at noise level sigma; maps: the down/mid outputs for them (from the
+        host's unconditional pass), else the feature pass runs."""
+        refinement = self._refinement(x, folded)
         sampling = base_model.model_sampling
         xs = sampling.calculate_input(sigma, x)
         t = sampling.timestep(sigma).float()
         dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
         self.evaluations += 1
-        return self.refinement(base_model.diffusion_model, xs, t, dtype)
+        return refinement(base_model.diffusion_model, xs, t, dtype, maps=maps)
 
 
 def refine_state(model):
@@ -75,14 +97,70 @@ def refine_state(model):
     return getattr(model, "e4t_state", None)
 
 
-def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-    """Keyed CALC_COND_BATCH wrapper: new contexts for conditionings that carry an E4T prompt."""
-    patcher = model.current_patcher
-    state = patcher.get_attachment(KEY) if patcher is not None else None
-    if state is None or not any(c is not None and any(KEY in d for d in c) for c in conds):
-        return executor(model, conds, x_in, timestep, model_options)
-    (head_patcher,) = patcher.get_additional_models_with_key(KEY)
-    words = state.words(model, x_in, timestep, head_patcher.model)
+class FeatureCapture:
+    """The U-Net's down/mid outputs in one host run, kept through the host's own block patches: each input
+    block's output (`input_block_patch`) and the middle block's, which the first output block receives
+    (`output_block_patch`). Where nothing else changes those blocks (see `plain_run`) they equal
+    `e4t.unet_features` of the same latent, timestep and context: the encoder's feature pass."""
+
+    def __init__(self, unet):
+        self.n, self.maps = len(unet.input_blocks) + 1, []
+
+    def _input(self, h, transformer_options):
+        self.maps.append(h)
+        return h
+
+    def _middle(self, h, hsp, transformer_options):
+        if transformer_options.get("block") == ("output", 0):
+            self.maps.append(h)
+        return h, hsp
+
+    def options(self, transformer_options: dict) -> dict:
+        """A copy of the run's transformer_options with the capturing patches added."""
+        patches = dict(transformer_options.get("patches", {}))
+        patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [self._input]
+        patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [self._middle]
+        return {**transformer_options, "patches": patches}
+
+    def result(self):
+        """The maps, or None if the run did not pass every block (then the feature pass runs)."""
+        return self.maps if len(self.maps) == self.n else None
+
+
+def plain_run(transformer_options: dict, model_options: dict) -> bool:
+    """Whether the host runs its U-Net's down and middle blocks unchanged: no patches (attention, block,
+    ControlNet-free), no model wrappers other than E4T's own around the U-Net call."""
+    if "model_function_wrapper" in model_options:
+        return False
+    if any(transformer_options.get("patches", {}).values()) or any(transformer_options.get("patches_replace", {}).values()):
+        return False
+    wrappers = transformer_options.get("wrappers", {})
+    return WrappersMP is None or not any(any(wrappers.get(kind, {}).values())
+                                         for kind in (WrappersMP.APPLY_MODEL, WrappersMP.DIFFUSION_MODEL))
+
+
+# a negative conditioning whose pass equals the feature pass has nothing but its context
+_PLAIN_COND_KEYS = {"cross_attn", "pooled_output", "model_conds", "uuid"}
+
+
+def _shared_uncond(state, conds, model_options):
+    """The index of the conditioning group whose host pass is the encoder's feature pass (CFG with an
+    empty negative prompt from the same CLIP), or None: then the feature pass runs on its own."""
+    if not plain_run(model_options.get("transformer_options", {}), model_options):
+        return None
+    for i, group in enumerate(conds):
+        if group is None or len(group) != 1 or any(KEY in d for d in group):
+            continue
+        d = group[0]
+        if set(d) - _PLAIN_COND_KEYS or set(d["model_conds"]) != {"c_crossattn"} or d.get("hooks") is not None:
+            continue
+        if state.is_empty_context(d["model_conds"]["c_crossattn"].cond):
+            return i
+    return None
+
+
+def _refined(conds, words):
+    """conds with new contexts for the conditionings that carry an E4T prompt (copied dicts)."""
     cache, new_conds = {}, []
     for group in conds:
         if group is None:
@@ -99,28 +177,89 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
                 d["model_conds"]["c_crossattn"] = comfy.conds.CONDCrossAttn(cache[id(prompt)])
             out.append(d)
         new_conds.append(out)
-    return executor(model, new_conds, x_in, timestep, model_options)
+    return new_conds
+
+
+def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+    """Keyed CALC_COND_BATCH wrapper: new contexts for conditionings that carry an E4T prompt.
+
+    With an empty negative prompt (CFG) its pass runs first, on its own, and its down/mid outputs are the
+    encoder's input (no separate feature pass); then the other conditionings run with the new w."""
+    patcher = model.current_patcher
+    state = patcher.get_attachment(KEY) if patcher is not None else None
+    if state is None or not any(c is not None and any(KEY in d for d in c) for c in conds):
+        return executor(model, conds, x_in, timestep, model_options)
+    (head_patcher,) = patcher.get_additional_models_with_key(KEY)
+    u = _shared_uncond(state, conds, model_options)
+    if u is None or not state.due(model, x_in, timestep, head_patcher.model):
+        words = state.words(model, x_in, timestep, head_patcher.model)
+        return executor(model, _refined(conds, words), x_in, timestep, model_options)
+    capture = FeatureCapture(model.diffusion_model)
+    options = {**model_options, "transformer_options": capture.options(model_options.get("transformer_options", {}))}
+    uncond = executor(model, [g if i == u else None for i, g in enumerate(conds)], x_in, timestep, options)[u]
+    words = state.words(model, x_in, timestep, head_patcher.model, maps=capture.result())
+    out = executor(model, _refined([None if i == u else g for i, g in enumerate(conds)], words), x_in, timestep,
+                   model_options)
+    out[u] = uncond
+    return out
 
 
 def _legacy_wrapper(state, inner):
     """`model_function_wrapper` for hosts without keyed wrappers; chains the wrapper already set.
-    A closure, not an object: that host deep-copies model_options on every clone."""
+    A closure, not an object: that host deep-copies model_options on every clone.
+
+    With an empty negative prompt in the batch, its rows run first, on their own, and give the encoder's
+    input (as `_calc_cond_batch`); then the other rows with the new w."""
+    def run(apply_model, args):
+        if inner is not None:
+            return inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
     def wrapper(apply_model, args):
         x, sigma, c, parts = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
         ctx, b = c.get("c_crossattn"), x.shape[0] // len(parts)
         found = [(j, LEGACY.find(ctx[j * b])) for j, kind in enumerate(parts) if kind == 0] if ctx is not None else []
         found = [(j, p) for j, p in found if p is not None]
-        if found:
-            chunks = list(ctx.split(b))
-            for j, prompt in found:
-                words = state.words(apply_model.__self__, x[j * b:(j + 1) * b], sigma[j * b:(j + 1) * b])
-                new = prompt.context(words, ctx.device).to(ctx.dtype)
-                chunks[j] = new.repeat(1, ctx.shape[1] // new.shape[1], 1)
-            args = {**args, "c": {**c, "c_crossattn": torch.cat(chunks)}}
-        if inner is not None:
-            return inner(apply_model, args)
-        return apply_model(args["input"], args["timestep"], **args["c"])
+        if not found:
+            return run(apply_model, args)
+        base, rows = apply_model.__self__, lambda t, j: t[j * b:(j + 1) * b]
+        u = _legacy_shared_uncond(state, inner, c, parts, x, b, found)
+        maps = None
+        if u is not None and state.due(base, rows(x, u), rows(sigma, u)):
+            capture = FeatureCapture(base.diffusion_model)
+            options = capture.options(c["transformer_options"])
+            uncond = apply_model(rows(x, u), rows(sigma, u), c_crossattn=rows(ctx, u),
+                                 transformer_options={**options, "cond_or_uncond": [parts[u]]})
+            maps = capture.result()
+        else:
+            u = None
+        chunks, found = list(ctx.split(b)), dict(found)
+        for j, prompt in found.items():
+            words = state.words(base, rows(x, j), rows(sigma, j), maps=maps)
+            new = prompt.context(words, ctx.device).to(ctx.dtype)
+            chunks[j] = new.repeat(1, ctx.shape[1] // new.shape[1], 1)
+        if u is None:
+            return run(apply_model, {**args, "c": {**c, "c_crossattn": torch.cat(chunks)}})
+        rest = [j for j in range(len(parts)) if j != u]
+        out = apply_model(torch.cat([rows(x, j) for j in rest]), torch.cat([rows(sigma, j) for j in rest]),
+                          c_crossattn=torch.cat([chunks[j] for j in rest]),
+                          transformer_options={**c["transformer_options"], "cond_or_uncond": [parts[j] for j in rest]})
+        out = list(out.split(b))
+        out.insert(u, uncond)
+        return torch.cat(out)
     return wrapper
+
+
+def _legacy_shared_uncond(state, inner, c, parts, x, b, found):
+    """The batch chunk of an empty negative prompt whose pass is the feature pass (see `_shared_uncond`)."""
+    if inner is not None or set(c) != {"c_crossattn", "transformer_options"} or parts.count(1) != 1 \
+            or not plain_run(c["transformer_options"], {}):
+        return None
+    u = parts.index(1)
+    x_u = x[u * b:(u + 1) * b]
+    if not state.is_empty_context(c["c_crossattn"][u * b:(u + 1) * b]):
+        return None
+    return u if all(torch.equal(x[j * b:(j + 1) * b], x_u) for j, _ in found) else None
 
 
 def apply_e4t(model, clip, e4t: E4T, image, strength: float, t_stop: int, clip_vision=None):

@@ -75,8 +75,8 @@ class Recorder:
         self.words, self.contexts = [], []
         original_call, original_apply = refinement.__call__, comfy.model_base.BaseModel.apply_model
 
-        def call(obj, unet, x, t, dtype=None):
-            out = original_call(obj, unet, x, t, dtype)
+        def call(obj, unet, x, t, dtype=None, maps=None):
+            out = original_call(obj, unet, x, t, dtype, maps=maps)
             self.words.append((float(t.flatten()[0]), out.clone()))
             return out
 
