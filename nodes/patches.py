@@ -10,6 +10,8 @@ import torch
 
 import comfy.model_management
 
+from ..e4t.offsets import weight_change
+
 try:
     from comfy.weight_adapter import WeightAdapterBase
 except ImportError:  # ComfyUI before weight adapters (e.g. the March 2024 copy)
@@ -35,8 +37,8 @@ if WeightAdapterBase is not None:
         def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                              intermediate_dtype=torch.float32, original_weight=None):
             delta = comfy.model_management.cast_to_device(self.weights[0], weight.device, intermediate_dtype)
-            w = weight.to(intermediate_dtype)
-            return (w + function(strength * w * delta)).to(weight.dtype)
+            change = weight_change(weight.to(intermediate_dtype), delta, strength=strength)
+            return (weight.to(intermediate_dtype) + function(change.to(intermediate_dtype))).to(weight.dtype)
 
 
 def unpatched(model, key, state_dict):
@@ -49,14 +51,15 @@ def unpatched(model, key, state_dict):
 def add_e4t_patches(model, deltas: dict, unet_delta: dict, strength: float) -> None:
     """Patch a MODEL clone: tuned U-Net delta (diff) then the offsets, both scaled by `strength`."""
     base = model.model_state_dict()     # shapes checked by e4t.validate.e4t_fits before anything is patched
-    if unet_delta:
-        model.add_patches({PREFIX + k: (v,) for k, v in unet_delta.items()}, strength)
     if WeightAdapterBase is not None:
+        if unet_delta:
+            model.add_patches({PREFIX + k: (v,) for k, v in unet_delta.items()}, strength)
         model.add_patches({PREFIX + k: E4TOffsetAdapter({PREFIX + k}, (d,)) for k, d in deltas.items()}, strength)
         return
+    # the whole change of an offset key as one diff (D's part included); D alone where no offset acts
+    model.add_patches({PREFIX + k: (v,) for k, v in unet_delta.items() if k not in deltas}, strength)
     patches = {}
     for k, d in deltas.items():
         w = unpatched(model, PREFIX + k, base)
-        w0 = w.float() + strength * unet_delta[k].float() if k in unet_delta else w.float()
-        patches[PREFIX + k] = ((w0 * d).to(w.dtype),)
-    model.add_patches(patches, strength)
+        patches[PREFIX + k] = (weight_change(w, d, unet_delta.get(k), strength).to(w.dtype),)
+    model.add_patches(patches, 1.0)

@@ -57,7 +57,7 @@ class RefineState:
     def __init__(self, folded, empty_context, e_domain, scale: float, t_stop: float):
         self.folded, self.empty_context, self.e_domain = folded, empty_context, e_domain
         self.scale, self.t_stop = scale, t_stop
-        self.refinement, self.evaluations = None, 0
+        self.refinement = None
 
     def _refinement(self, x, folded=None) -> Refinement:
         if self.refinement is None or self.refinement.empty_context.device != x.device:
@@ -86,7 +86,6 @@ class RefineState:
         xs = sampling.calculate_input(sigma, x)
         t = sampling.timestep(sigma).float()
         dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
-        self.evaluations += 1
         return refinement(base_model.diffusion_model, xs, t, dtype, maps=maps)
 
 
