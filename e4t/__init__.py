@@ -6,7 +6,7 @@ Public API (hosts use only these names):
     Compression                                                   -- personalised concepts (one schema, compressed)
     read_header, read_published_config, read_tensors, PickleRefused,
     backbone_state, tensors_sha256, walk, pixels_sha256          -- file details, safe reading, backbone proof, folders
-    pil_pixels, pil_to_tensor, save_png                           -- PIL image -> uint8 pixels, (3, h, w) in [0, 1]; PNG
+    to_uint8, pil_pixels, pil_to_tensor, save_png                 -- [0, 1] -> uint8; PIL image -> uint8 pixels, (3, h, w); PNG
     Encoder, EncoderConfig, ImageFeatures, FoldedEncoder,
     unet_feature_channels                                        -- the encoder (full; folded for sampling)
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
@@ -32,7 +32,7 @@ from .weights import DomainConfig, E4TWeights
 from .weights_file import convert, load, read_header, save
 from .concept import Compression, base_fingerprint, check_base, concept_metadata, make_concept, source_sha256
 from .encoder import Encoder, EncoderConfig, FoldedEncoder, ImageFeatures, unet_feature_channels
-from .images import pil_pixels, pil_to_tensor, save_png
+from .images import pil_pixels, pil_to_tensor, save_png, to_uint8
 from .files import PickleRefused, read_tensors
 from .facemask import CASCADES, MaskUnavailable, detect_mask
 from .losses import alphas_cumprod_of, sd1_alphas_cumprod
@@ -52,7 +52,7 @@ from .tune import MEMORY_MODES, PRESETS, Diverged, base_weights_notice, Interrup
 
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "make_concept", "concept_metadata",
            "source_sha256", "check_base", "Compression", "read_header",
-           "read_published_config", "read_tensors", "PickleRefused", "walk", "pixels_sha256", "pil_pixels", "pil_to_tensor", "save_png", "backbone_state", "tensors_sha256", "Encoder",
+           "read_published_config", "read_tensors", "PickleRefused", "walk", "pixels_sha256", "pil_pixels", "pil_to_tensor", "save_png", "to_uint8", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word", "SlotEncoder",
            "input_embeddings", "fast_dtype",

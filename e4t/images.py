@@ -2,6 +2,12 @@
 import torch
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] (any shape) -> uint8 on the CPU: clamped, scaled by 255 and rounded, the one rule for
+    what a concept file stores and `pixels_sha256` hashes, whichever host made the pixels."""
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def pil_pixels(image) -> torch.Tensor:
     """PIL image -> (h, w, 3) uint8 RGB pixels (what a concept file stores and `pixels_sha256` hashes)."""
     rgb = image.convert("RGB")
@@ -20,4 +26,4 @@ def save_png(image: torch.Tensor, path: str, text: dict | None = None) -> None:
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, v)
-    Image.fromarray((image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()).save(path, pnginfo=info)
+    Image.fromarray(to_uint8(image).numpy()).save(path, pnginfo=info)

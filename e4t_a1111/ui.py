@@ -210,7 +210,7 @@ def loss_plot(losses):
 
 def _pil(img):
     from PIL import Image
-    return Image.fromarray((img * 255).round().byte().numpy())
+    return Image.fromarray(e4t.to_uint8(img).numpy())
 
 
 def norm_plot(run, several: bool):

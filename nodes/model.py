@@ -7,7 +7,7 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 
-from ..e4t import E4TFileError, E4TWeights, ImageFeatures, backbone_state, pixels_sha256, tensors_sha256
+from ..e4t import E4TFileError, E4TWeights, ImageFeatures, backbone_state, pixels_sha256, tensors_sha256, to_uint8
 
 
 def image_to_engine(image: torch.Tensor) -> torch.Tensor:
@@ -17,7 +17,7 @@ def image_to_engine(image: torch.Tensor) -> torch.Tensor:
 
 def image_uint8(image: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE -> the first image's (h, w, 3) uint8 pixels."""
-    return (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    return to_uint8(image[0])
 
 
 def image_sha256(image: torch.Tensor) -> str:
