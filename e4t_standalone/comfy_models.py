@@ -91,15 +91,16 @@ def eager_weights():
             mm.aimdo_enabled = True
 
 
-def tiny_model(seed=0, unet_config=TINY_UNET, dtype=torch.float32, load_device=None, dynamic=True):
+def tiny_model(seed=0, unet_config=TINY_UNET, device="cpu", dtype=torch.float32, load_device=None, dynamic=True):
     """A ComfyUI MODEL (ModelPatcher around an SD15 BaseModel), tiny by default (SD15_UNET: full size).
 
-    Built on the CPU; with `load_device` the host's own patcher class (dynamic VRAM where the host
-    enabled it, unless `dynamic` is False) moves it there when sampling, as for a checkpoint ComfyUI loaded."""
+    Built on `device` (benchmarks build full-size models on the GPU directly); with `load_device` the host's own
+    patcher class (dynamic VRAM where the host enabled it, unless `dynamic` is False) moves it there when sampling,
+    as for a checkpoint ComfyUI loaded."""
     import_comfy()
     import comfy.model_patcher
     import comfy.supported_models
-    with torch.inference_mode(), torch.device("cpu"):
+    with torch.inference_mode(), torch.device(device):
         cfg = comfy.supported_models.SD15(dict(unet_config))
         cfg.unet_config.update(num_heads=unet_config["num_heads"], num_head_channels=-1)
         cfg.set_inference_dtype(dtype, None)
@@ -111,8 +112,8 @@ def tiny_model(seed=0, unet_config=TINY_UNET, dtype=torch.float32, load_device=N
             model = cfg.get_model({})
             model.load_model_weights(weights, "")
     patcher = getattr(comfy.model_patcher, "CoreModelPatcher", None) if dynamic else None
-    return (patcher or comfy.model_patcher.ModelPatcher)(model, load_device=torch.device(load_device or "cpu"),
-                                                         offload_device=torch.device("cpu"))
+    return (patcher or comfy.model_patcher.ModelPatcher)(model, load_device=torch.device(load_device or device),
+                                                         offload_device=torch.device(device))
 
 
 def tiny_clip(seed=1, clip_config=TINY_CLIP, disable_dynamic=False):
