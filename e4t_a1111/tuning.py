@@ -56,13 +56,9 @@ def automatic_mask(pixels: torch.Tensor, kind: str) -> torch.Tensor:
         raise E4TError(f"automatic {kind} mask: {err}") from None
 
 
-def image_uint8(image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
-
-
 def image_sha256(image) -> str:
     """Of the (H, W, 3) uint8 pixels: the hash the ComfyUI pack records for a concept image."""
-    return e4t.pixels_sha256(image_uint8(image))
+    return e4t.pixels_sha256(e4t.pil_pixels(image))
 
 
 def text_encoder(sd_model, device):
@@ -164,7 +160,7 @@ def tune(weights_name: str, image, mask, domain_word: str, concept_name: str, cf
             image_sha256=image_sha256(image), base_fingerprint=host.base_fingerprint(unet),
             base_model=getattr(sd_model.sd_checkpoint_info, "name_for_extra", ""), tune=cfg, losses=result.losses,
             mask=mask_source if mask_t is not None else None)
-        concept = e4t.make_concept(weights, result, tokens=features.tokens, image=image_uint8(image),
+        concept = e4t.make_concept(weights, result, tokens=features.tokens, image=e4t.pil_pixels(image),
                                    metadata=metadata, domain_word=domain_word)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         e4t.save(concept, out)
