@@ -124,8 +124,8 @@ def entropy(deltas, lr):
 
 
 def compressions(args):
-    """--ranks r1,r2 (rank, the default energy) and --compression 'rank=64,energy=0.999' (any field)."""
-    out = [Compression(rank=int(r)) for r in args.ranks.split(",") if r]
+    """--ranks r1,r2 (rank of every part, the default energy) and --compression 'rank=64,energy=0.999' (any field)."""
+    out = [Compression(rank=int(r), unet_rank=int(r)) for r in args.ranks.split(",") if r]
     for spec in args.compression:
         out.append(Compression(**{k: type(getattr(Compression(), k))(v) for k, v in
                                   (kv.split("=") for kv in spec.split(",") if kv)}))
@@ -353,7 +353,7 @@ def sizes(ranks):
     print("| rank (at most) | heads | offsets | U-Net attention | U-Net all | trains attention | trains all |")
     print("|---|---|---|---|---|---|---|")
     for r in ranks:
-        b = {g: size(shapes, Compression(rank=r)) for g, shapes in groups.items()}
+        b = {g: size(shapes, Compression(rank=r, unet_rank=r)) for g, shapes in groups.items()}
         mib = lambda x: f"{x / 2**20:.1f} MiB"
         print(f"| {r} | {mib(b['heads'])} | {mib(b['offsets'])} | {mib(b['U-Net attention'])} | {mib(b['U-Net all'])} "
               f"| {mib(b['heads'] + b['offsets'] + b['U-Net attention'] + extra)} "

@@ -42,7 +42,7 @@ def _tuned(source, unet, rank=2):
                           losses=[0.5, 0.25])
 
 
-def _concept(source, result, host="comfyui", compression=Compression(rank=2, whole_below=0)):
+def _concept(source, result, host="comfyui", compression=Compression(rank=2, unet_rank=2, whole_below=0)):
     meta = e4t.concept_metadata(host=host, source="faces/e4t.safetensors", source_sha256=e4t.source_sha256(source),
                                 image_sha256="abc", base_fingerprint="f00", tune=e4t.TuneConfig(steps=2),
                                 losses=result.losses, mask="face", compression=compression)
@@ -203,3 +203,14 @@ def test_another_base_model_is_named_in_the_warning(folder, unet):
     concept.config.concept["base_model"] = "v1-5-pruned"
     assert e4t.check_base(concept.config, "f00") is None
     assert "(v1-5-pruned), fingerprint f00; this one is 123" in e4t.check_base(concept.config, "123")
+
+
+def test_u_net_and_heads_keep_their_own_ranks(folder, unet):
+    """`rank` bounds the directions of heads and offsets, `unet_rank` those of the U-Net delta (which needs more)."""
+    root, source = folder
+    concept = _concept(source, _tuned(source, unet), compression=Compression(rank=1, unet_rank=2, whole_below=0))
+    path = str(root / "ranks.safetensors")
+    e4t.save(concept, path)
+    with safe_open(path, framework="pt") as f:
+        ranks = [(k.split(".")[1], f.get_slice(k).get_shape()[0]) for k in f.keys() if k.endswith(".s")]
+    assert {r for g, r in ranks if g == "unet"} == {2} and {r for g, r in ranks if g != "unet"} == {1}
