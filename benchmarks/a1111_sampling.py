@@ -8,8 +8,10 @@ fresh --data folder builds them), headless on the CPU:
 
 A step's time is the median interval between consecutive denoiser callbacks of one job (CPU time of the
 process, and wall time), so loading, VAE and the first step are left out. Jobs: no E4T; E4T with a prompt
-without the placeholder (weight hooks only); E4T with the placeholder (hooks, per-step w, re-encoding); the
-same with the hooks' weight-change cache off (every call recomputes W' − W, as before issue 17).
+without the placeholder (weight hooks only); E4T with the placeholder (hooks, per-step w, re-encoding through
+the slot encoder); the same with the prompt re-encoded through the webui's whole prompt path (as before the
+slot encoder); the same with the hooks' weight-change cache off too (every call recomputes W' − W, as before
+issue 17).
 """
 import argparse
 import os
@@ -57,7 +59,7 @@ def main():
         H.TINY_YAML = H.TINY_YAML.replace("model_channels: 32", f"model_channels: {args.channels}")
     H.start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), "normal")
     from modules import script_callbacks
-    from e4t_a1111 import hooks
+    from e4t_a1111 import hooks, sampling
     script_callbacks.on_cfg_denoiser(stamp, name="e4t-bench-stamp")
     cases = [("no E4T", "a photo of *s", (False, None, 1.0, 0)),
              ("E4T, weights only", "a photo of a cat", H.concept_args()),
@@ -66,12 +68,18 @@ def main():
     for _ in range(args.repeats):
         for name, prompt, e4t_args in cases:
             rows.setdefault(name, []).append(job(prompt, e4t_args, args.steps, args.size))
-        original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+        supported, sampling.slot_text_unsupported = sampling.slot_text_unsupported, (lambda *a: "benchmark")
         try:
-            rows.setdefault("E4T, refined, no weight cache", []).append(job("a photo of *s", H.concept_args(),
+            rows.setdefault("E4T, refined, webui text path", []).append(job("a photo of *s", H.concept_args(),
                                                                             args.steps, args.size))
+            original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+            try:
+                rows.setdefault("E4T, refined, webui text path, no weight cache", []).append(
+                    job("a photo of *s", H.concept_args(), args.steps, args.size))
+            finally:
+                hooks._weight_key = original
         finally:
-            hooks._weight_key = original
+            sampling.slot_text_unsupported = supported
     params = sum(p.numel() for p in H.ENV.unet.parameters())
     print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, {args.size} px, Euler CFG 7, {args.steps} steps, "
           f"trains-all concept; median step of the best of {args.repeats} jobs (CPU)\n")
