@@ -161,7 +161,8 @@ class Session:
         self.placeholder_text = c.placeholder
         self._check_fit()
         self.device = devices.device
-        self.hooks, self.placeholder, self.pass_prompts, self.calls, self._cache, self._slots = None, None, None, 0, {}, {}
+        self.hooks, self.placeholder, self.pass_prompts, self.calls = None, None, None, 0
+        self._cache, self._slots = {}, {}
         self.runs = []                         # a NormRun per sampler run (n_iter batches, hires passes)
         try:
             e_domain = host.input_embedding(sd_model, host.single_token(sd_model, c.config.domain_word))
@@ -225,7 +226,7 @@ class Session:
         if words is not self._cache.get("words"):
             self._cache = {"words": words}
         step = params.denoiser.step
-        encoded = {index: self._encoded(index, prompts.schedule_index(index, step), words) for index in prompts.refined}
+        encoded = {i: self._encoded(i, prompts.schedule_index(i, step), words) for i in prompts.refined}
         new = cond.clone()
         for row, (image, index) in enumerate(prompts.rows):
             if index in encoded:
@@ -256,9 +257,10 @@ class Session:
             if reason is None:
                 from modules import devices
                 self.placeholder.ensure()                       # tokenising needs it registered
+                host.text_on_device(self.sd_model)              # its encoders live where the CLIP runs
                 with devices.autocast():
-                    self._slots[index] = SlotSchedule(self.sd_model, [text for _, text in self.pass_prompts.schedules[index]],
-                                                      self.placeholder.embedding)
+                    texts = [text for _, text in self.pass_prompts.schedules[index]]
+                    self._slots[index] = SlotSchedule(self.sd_model, texts, self.placeholder.embedding)
             else:
                 log.info("E4T: prompts are re-encoded through the webui's whole prompt path (%s)", reason)
                 self._slots[index] = None
