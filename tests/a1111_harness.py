@@ -628,7 +628,7 @@ def test_reencoding_matches_webui_prompt_path():
     return results
 
 
-def _held_job(prompt, what, slot_path=True, **kw):
+def _held_job(prompt, what, slot_path=True, on_process=None, **kw):
     """A job with w held at the webui's own placeholder vector (so its static conds are the reference); checks
     which re-encoding path was taken (the slot encoder, or the webui's whole path); returns the probe's rows."""
     from e4t_a1111 import sampling
@@ -653,7 +653,8 @@ def _held_job(prompt, what, slot_path=True, **kw):
 
     ENV.probe.reset()
     try:
-        generate(prompt, concept_args(), sampler="Euler", steps=4, probes=[ProbeScript(on_sampling=hold)], **kw)
+        generate(prompt, concept_args(), sampler="Euler", steps=4,
+                 probes=[ProbeScript(on_process=on_process, on_sampling=hold)], **kw)
     finally:
         ENV.probe.active = False
     paths = {type(v).__name__ for s in sessions for v in s._slots.values()}
@@ -1118,11 +1119,21 @@ def test_newcomer_tab_hints_and_api_warning():
 def test_reencoding_matches_webui_for_long_prompts_batches_and_emphasis_options():
     """The slot encoder equals the webui's encoding also for a prompt past 75 tokens (the placeholder in its
     second chunk, the first chunk encoded once), a batch of two images with different prompts (their words in
-    one call), a schedule that switches the placeholder in, and each of the webui's emphasis options; the old
-    emphasis implementation, which it does not rebuild, goes through the webui's path and matches too."""
-    from modules import shared
+    one call), a schedule that switches the placeholder in, a user's two-vector textual-inversion embedding
+    next to the placeholder, and each of the webui's emphasis options; the old emphasis implementation,
+    which it does not rebuild, goes through the webui's path and matches too."""
+    import torch
+    from modules import sd_hijack, shared
+    from modules.textual_inversion.textual_inversion import Embedding
     long = "a photo of " + "very " * 80 + "(*s:1.2) wearing a [[hat]]"
     prompts = ["a (photo:1.4) of *s", "[a cat:*s:2] on a (red:0.8) sofa"]
+    width = ENV.sd_model.cond_stage_model.wrapped.transformer.text_model.embeddings.token_embedding.wrapped.weight.shape[1]
+    torch.manual_seed(7)
+    user = Embedding(torch.randn(2, width), "tinystyle")
+    user.vectors, user.shape, user.filename = 2, width, None
+
+    def register(p):                   # after the webui's embeddings reload, as a user's file would be there
+        sd_hijack.model_hijack.embedding_db.register_embedding(user, ENV.sd_model)
     old = shared.opts.emphasis, shared.opts.use_old_emphasis_implementation
     results = {}
     try:
@@ -1134,10 +1145,14 @@ def test_reencoding_matches_webui_for_long_prompts_batches_and_emphasis_options(
             rows = _held_job(prompts, f"batch, emphasis {emphasis}", batch=2)
             check(rows[0]["cond"].shape[0] == 2, f"batch: {rows[0]['cond'].shape[0]} rows")
             results[f"batch, {emphasis}"] = _matches_static(rows, f"batch of two, emphasis {emphasis}")
-        shared.opts.emphasis, shared.opts.use_old_emphasis_implementation = "Original", True
+        shared.opts.emphasis = "Original"
+        rows = _held_job("tinystyle portrait of (*s:1.1), tinystyle", "embedding", on_process=register)
+        results["textual inversion"] = _matches_static(rows, "textual inversion")
+        shared.opts.use_old_emphasis_implementation = True
         results["old emphasis"] = _matches_static(_held_job(long, "old emphasis", slot_path=False), "old emphasis")
     finally:
         shared.opts.emphasis, shared.opts.use_old_emphasis_implementation = old
+        sd_hijack.model_hijack.embedding_db.register_embedding_by_name(None, ENV.sd_model, "tinystyle")
     return results
 
 
