@@ -4,12 +4,14 @@ Runs under the webui's Python with the test harness's random-weight models (test
 fresh --data folder builds them), headless on the CPU:
 
     HF_HOME=/work/hosts/hf-cache /work/hosts/venv-a1111/bin/python benchmarks/a1111_sampling.py \
-        --webui /work/hosts/stable-diffusion-webui --data /tmp/a1111-bench [--channels 32] [--size 64]
+        --webui /work/hosts/stable-diffusion-webui --data /tmp/a1111-bench [--channels 32] [--size 64] [--clip-l]
 
 A step's time is the median interval between consecutive denoiser callbacks of one job (CPU time of the
 process, and wall time), so loading, VAE and the first step are left out. Jobs: no E4T; E4T with a prompt
-without the placeholder (weight hooks only); E4T with the placeholder (hooks, per-step w, re-encoding); the
-same with the hooks' weight-change cache off (every call recomputes W' − W, as before issue 17).
+without the placeholder (weight hooks only); E4T with the placeholder (hooks, per-step w, re-encoding through
+the slot encoder); the same with the prompt re-encoded through the webui's whole prompt path (as before the
+slot encoder); the same with the hooks' weight-change cache off too (every call recomputes W' − W, as before
+issue 17).
 """
 import argparse
 import os
@@ -44,6 +46,28 @@ def job(prompt, e4t_args, steps, size):
     return wall, cpu
 
 
+def clip_l_size():
+    """The harness's random CLIP at CLIP-L's size (its tokenizer and everything else unchanged); the U-Net's
+    context and the concept's word vector follow its width. Needs a fresh --data folder."""
+    import dataclasses
+    import transformers
+    small, build, encoder_config = transformers.CLIPTextConfig, H.build_tiny_checkpoint, H.tiny_encoder_config
+
+    def clip_config(**kw):
+        return small(**{**kw, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "projection_dim": 768})
+
+    def build_clip_l(*args, **kwargs):
+        transformers.CLIPTextConfig = clip_config       # what H.build_tiny_checkpoint imports
+        try:
+            return build(*args, **kwargs)
+        finally:
+            transformers.CLIPTextConfig = small
+    H.build_tiny_checkpoint = build_clip_l
+    H.tiny_encoder_config = lambda unet: dataclasses.replace(encoder_config(unet), word_dim=768)
+    H.TINY_YAML = H.TINY_YAML.replace("context_dim: 64", "context_dim: 768")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--webui", required=True)
@@ -52,12 +76,16 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--clip-l", action="store_true", help="a text encoder of CLIP-L's size (12 layers, width 768) "
+                    "instead of the tiny one, so the per-step text encoding weighs as in SD1.5")
     args = ap.parse_args()
     if args.channels != 32:
         H.TINY_YAML = H.TINY_YAML.replace("model_channels: 32", f"model_channels: {args.channels}")
+    if args.clip_l:
+        clip_l_size()
     H.start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), "normal")
     from modules import script_callbacks
-    from e4t_a1111 import hooks
+    from e4t_a1111 import hooks, sampling
     script_callbacks.on_cfg_denoiser(stamp, name="e4t-bench-stamp")
     cases = [("no E4T", "a photo of *s", (False, None, 1.0, 0)),
              ("E4T, weights only", "a photo of a cat", H.concept_args()),
@@ -66,15 +94,22 @@ def main():
     for _ in range(args.repeats):
         for name, prompt, e4t_args in cases:
             rows.setdefault(name, []).append(job(prompt, e4t_args, args.steps, args.size))
-        original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+        supported, sampling.slot_text_unsupported = sampling.slot_text_unsupported, (lambda *a: "benchmark")
         try:
-            rows.setdefault("E4T, refined, no weight cache", []).append(job("a photo of *s", H.concept_args(),
+            rows.setdefault("E4T, refined, webui text path", []).append(job("a photo of *s", H.concept_args(),
                                                                             args.steps, args.size))
+            original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+            try:
+                rows.setdefault("E4T, refined, webui text path, no weight cache", []).append(
+                    job("a photo of *s", H.concept_args(), args.steps, args.size))
+            finally:
+                hooks._weight_key = original
         finally:
-            hooks._weight_key = original
+            sampling.slot_text_unsupported = supported
     params = sum(p.numel() for p in H.ENV.unet.parameters())
-    print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, {args.size} px, Euler CFG 7, {args.steps} steps, "
-          f"trains-all concept; median step of the best of {args.repeats} jobs (CPU)\n")
+    text = sum(p.numel() for p in H.ENV.sd_model.cond_stage_model.parameters())
+    print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, text encoder {text / 1e6:.1f} M, {args.size} px, "
+          f"Euler CFG 7, {args.steps} steps, trains-all concept; median step of the best of {args.repeats} jobs (CPU)\n")
     print("| job | wall ms/step | CPU ms/step | CPU ratio to no E4T |\n|---|---|---|---|")
     base = min(c for _, c in rows["no E4T"])
     for name, found in rows.items():

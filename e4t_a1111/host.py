@@ -85,9 +85,19 @@ def unet_on_device(sd_model):
     """Under --medvram the U-Net is moved to the GPU by a pre-hook on `sd_model.model`, which calling
     its blocks directly would bypass: run those hooks first. (--lowvram hooks every block itself.)"""
     if low_vram(sd_model):
-        for hook in list(sd_model.model._forward_pre_hooks.values()):
-            if getattr(hook, "__name__", "") == "send_me_to_gpu":     # the webui's own; other extensions' hooks expect real inputs
-                hook(sd_model.model, ())
+        _send_to_gpu(sd_model.model)
+
+
+def text_on_device(sd_model):
+    """The same for the CLIP text transformer, whose layers the slot encoder calls directly."""
+    if low_vram(sd_model):
+        _send_to_gpu(sd_model.cond_stage_model.wrapped.transformer)
+
+
+def _send_to_gpu(module):
+    for hook in list(module._forward_pre_hooks.values()):
+        if getattr(hook, "__name__", "") == "send_me_to_gpu":     # the webui's own; other extensions' hooks expect real inputs
+            hook(module, ())
 
 
 def text_model(sd_model):

@@ -4,8 +4,10 @@ embedding predicted again at every denoiser call.
 Per call (`on_cfg_denoiser`): the images' current latents are turned into the U-Net's actual input
 and timestep (k-diffusion: x·c_in and sigma_to_t(σ); timestep samplers such as DDIM: x_t and t as
 they are), the U-Net down path gives the maps from which the folded encoder predicts w for each
-image, and every positive sub-prompt that contains the placeholder is encoded again through the
-webui's prompt path with w in the placeholder's slot. Only `text_cond` changes; the negative
+image, and every positive sub-prompt that contains the placeholder is encoded again with w in the
+placeholder's slot: from the webui's own chunks through `e4t.SlotEncoder` (`SlotSchedule`: only the
+positions from the slot on, all images in one call), or through the webui's whole prompt path where
+that cannot be reproduced exactly (`slot_text_unsupported`). Only `text_cond` changes; the negative
 prompt's conditioning is left as the webui made it.
 
 Lifecycle: `start` in Script.process (after the webui reloads its embeddings), `begin_pass` before
@@ -93,6 +95,7 @@ class PassPrompts:
         self.images = len(prompts)
         self.refined = {i for i, schedule in enumerate(self.schedules)
                         if any(placeholder in text for _, text in schedule)}
+        self.users = {i: sorted({image for image, index in self.rows if index == i}) for i in self.refined}
 
     def schedule_index(self, index: int, step: int) -> int:
         for current, (end_at_step, _) in enumerate(self.schedules[index]):
@@ -158,7 +161,8 @@ class Session:
         self.placeholder_text = c.placeholder
         self._check_fit()
         self.device = devices.device
-        self.hooks, self.placeholder, self.pass_prompts, self.calls, self._cache = None, None, None, 0, {}
+        self.hooks, self.placeholder, self.pass_prompts, self.calls = None, None, None, 0
+        self._cache, self._slots = {}, {}
         self.runs = []                         # a NormRun per sampler run (n_iter batches, hires passes)
         try:
             e_domain = host.input_embedding(sd_model, host.single_token(sd_model, c.config.domain_word))
@@ -198,7 +202,7 @@ class Session:
         self.runs.append(NormRun(int(getattr(p, "iteration", 0) or 0), bool(getattr(p, "is_hr_pass", False))))
         self._core.empty_context = host.empty_context(self.sd_model)        # this job's LoRA on the text encoder
         self.refinement.reset()
-        self._cache = {}
+        self._cache, self._slots = {}, {}                   # slot encoders per pass: this job's LoRA, CLIP skip
 
     @torch.no_grad()
     def on_cfg_denoiser(self, params):
@@ -222,17 +226,50 @@ class Session:
         if words is not self._cache.get("words"):
             self._cache = {"words": words}
         step = params.denoiser.step
+        encoded = {i: self._encoded(i, prompts.schedule_index(i, step), words) for i in prompts.refined}
         new = cond.clone()
         for row, (image, index) in enumerate(prompts.rows):
-            if index in prompts.refined:
-                enc = self._encoded(image, index, words)[prompts.schedule_index(index, step)]
+            if index in encoded:
+                enc = encoded[index][prompts.users[index].index(image)]
                 new[row] = _fit_tokens(enc, cond.shape[1]).to(cond)
         params.text_cond = new
 
-    def _encoded(self, image, index, words):
-        """The conds of one flat prompt's schedule with image `image`'s w (cached while w is unchanged)."""
+    def _encoded(self, index, entry, words):
+        """(images using flat prompt `index`, tokens, d): schedule entry `entry` of that prompt with each image's
+        w (cached while w is unchanged, i.e. below t_stop)."""
+        from modules import devices
+        key = (index, entry)
+        if key not in self._cache:
+            images = self.pass_prompts.users[index]
+            slot = self._slot_schedule(index)
+            if slot is None:
+                self._cache[key] = torch.stack([self._webui_encoded(image, index, words)[entry] for image in images])
+            else:
+                host.text_on_device(self.sd_model)
+                with devices.autocast():
+                    self._cache[key] = slot(devices.cond_cast_unet(words[images]), entry)
+        return self._cache[key]
+
+    def _slot_schedule(self, index):
+        """The `SlotSchedule` of flat prompt `index` in this pass, made on first use; None: the webui encodes."""
+        if index not in self._slots:
+            reason = slot_text_unsupported(self.sd_model)
+            if reason is None:
+                from modules import devices
+                self.placeholder.ensure()                       # tokenising needs it registered
+                host.text_on_device(self.sd_model)              # its encoders live where the CLIP runs
+                with devices.autocast():
+                    texts = [text for _, text in self.pass_prompts.schedules[index]]
+                    self._slots[index] = SlotSchedule(self.sd_model, texts, self.placeholder.embedding)
+            else:
+                log.info("E4T: prompts are re-encoded through the webui's whole prompt path (%s)", reason)
+                self._slots[index] = None
+        return self._slots[index]
+
+    def _webui_encoded(self, image, index, words):
+        """The conds of one flat prompt's schedule with image `image`'s w through `get_learned_conditioning`."""
         from modules import devices, prompt_parser
-        key = (image, index)
+        key = ("webui", image, index)
         if key not in self._cache:
             texts = prompt_parser.SdConditioning([text for _, text in self.pass_prompts.schedules[index]],
                                                  copy_from=self.pass_prompts.sd_prompts)
@@ -251,6 +288,116 @@ class Session:
         if self.placeholder is not None:
             self.placeholder.remove()
         host.clear_cond_caches(self.p)
+
+
+_EMPHASES = ("None", "Ignore", "Original", "No norm")     # the webui's own emphasis classes, by name
+
+
+def slot_text_unsupported(sd_model):
+    """Why `SlotSchedule` cannot reproduce this webui's prompt encoding exactly (None: it can). It rebuilds the
+    path of the stock SD1 prompt wrapper (`FrozenCLIPEmbedderWithCustomWords`) with the webui's own emphasis
+    classes; anything else (another wrapper class or one an extension patched, the old emphasis implementation,
+    a custom emphasis, hooks on the CLIP modules other than the webui's --medvram ones, fp8 weights, a CLIP skip
+    past the first layer) is encoded through the webui's whole path. SD2/SDXL and Forge never get here
+    (`host.check_model`)."""
+    from modules import sd_emphasis, sd_hijack_clip, shared
+    clip = sd_model.cond_stage_model
+    if type(clip) is not sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords:
+        return f"prompt wrapper {type(clip).__name__}"
+    if any(name in vars(clip) for name in ("forward", "process_tokens", "encode_with_transformers", "tokenize_line")):
+        return "the prompt wrapper is patched"
+    if shared.opts.use_old_emphasis_implementation:
+        return "the old emphasis implementation"
+    emphasis = sd_emphasis.get_current_option(shared.opts.emphasis)
+    if emphasis.__module__ != sd_emphasis.__name__ or emphasis.name not in _EMPHASES:
+        return f"emphasis {emphasis.name!r}"
+    if clip.id_end != clip.id_pad:
+        return "padding differs from the end token"
+    transformer = clip.wrapped.transformer
+    tm = transformer.text_model
+    if next(tm.parameters()).dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"text encoder weights in {next(tm.parameters()).dtype}"
+    for module in (transformer, tm, tm.embeddings, tm.encoder, *tm.encoder.layers,
+                   *(m for layer in tm.encoder.layers for m in (layer.self_attn, layer.mlp))):
+        hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+        if any(getattr(h, "__name__", "") != "send_me_to_gpu" for h in hooks):
+            return f"a hook on the text encoder's {type(module).__name__}"
+    try:
+        host.clip_layers(sd_model)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+class SlotSchedule:
+    """One flat prompt's schedule encoded again per step through `e4t.SlotEncoder`, from the webui's own
+    chunks, equal to its `get_learned_conditioning` of the schedule's texts with w as the placeholder's
+    vector to float rounding (another attention kernel: ~1e-7 relative).
+
+    The webui encodes the schedule's texts as one batch, chunk by chunk (75 tokens, BREAK), shorter texts
+    padded with empty chunks (`TextConditionalModel.forward`); its emphasis scales each chunk by the
+    multipliers and ("Original") restores the mean over that whole batch. So per chunk index: a SlotEncoder
+    per schedule entry (`tokenize_line` gives tokens, multipliers and textual-inversion fixes; the
+    placeholder's fixes are the slots, other embeddings' vectors go in as the webui puts them), chunks
+    without the placeholder encoded once here. A call encodes the current entry only, for all words at once;
+    every entry of a chunk whose multipliers are not all 1, where the emphasis mixes them (the webui's own
+    emphasis object on the assembled z). CLIP skip: `CLIP_stop_at_last_layers`, final layer norm always.
+    """
+
+    def __init__(self, sd_model, texts, placeholder):
+        from modules import sd_emphasis, shared
+        clip = sd_model.cond_stage_model
+        tm = clip.wrapped.transformer.text_model
+        self.emphasis = sd_emphasis.get_current_option(shared.opts.emphasis)
+        mixes = self.emphasis.after_transformers is not sd_emphasis.Emphasis.after_transformers
+        n_layers, device = host.clip_layers(sd_model), tm.embeddings.position_embedding.weight.device
+        dtype = e4t.fast_dtype(device, next(tm.parameters()).dtype)
+        batch_chunks, _ = clip.process_texts(texts)
+        made, self.chunks = {}, []
+        for i in range(max(len(chunks) for chunks in batch_chunks)):
+            entries = [chunks[i] if i < len(chunks) else clip.empty_chunk() for chunks in batch_chunks]
+            encoders = []
+            for chunk in entries:
+                key = (tuple(chunk.tokens), tuple((offset, id(emb)) for offset, emb in chunk.fixes))
+                if key not in made:
+                    made[key] = self._encoder(tm, chunk, placeholder, n_layers, dtype, device)
+                encoders.append(made[key])
+            weighted = mixes and any(m != 1.0 for chunk in entries for m in chunk.multipliers)
+            self.chunks.append((encoders, [chunk.tokens for chunk in entries],
+                                [chunk.multipliers for chunk in entries] if weighted else None))
+
+    @staticmethod
+    def _encoder(tm, chunk, placeholder, n_layers, dtype, device):
+        from modules import devices
+        n, slots, vectors = len(chunk.tokens), [], {}
+        for offset, embedding in chunk.fixes:                     # as sd_hijack.EmbeddingsWithFixes puts them
+            if embedding is placeholder:
+                slots.append(offset + 1)
+                continue
+            vec = embedding.vec["clip_l"] if isinstance(embedding.vec, dict) else embedding.vec
+            table = tm.embeddings.token_embedding
+            vec = devices.cond_cast_unet(vec).to(getattr(table, "wrapped", table).weight.dtype)
+            for j in range(min(n - offset - 1, vec.shape[0])):
+                vectors[offset + 1 + j] = vec[j]
+        return e4t.SlotEncoder(tm, e4t.input_embeddings(tm, chunk.tokens, vectors, dtype, device), slots, n_layers)
+
+    def __call__(self, words: torch.Tensor, entry: int) -> torch.Tensor:
+        """words (b, d) -> (b, 77 · chunks, d): schedule entry `entry` with each word in the placeholder's slots."""
+        out = []
+        for encoders, tokens, multipliers in self.chunks:
+            if multipliers is None:               # the emphasis is the identity on this chunk
+                z = encoders[entry](words).expand(len(words), -1, -1)
+            else:
+                every = torch.stack([enc(words).expand(len(words), -1, -1) for enc in encoders], dim=1)
+                z = torch.stack([self._emphasised(batch, tokens, multipliers)[entry] for batch in every])
+            out.append(z)
+        return torch.cat(out, dim=1)
+
+    def _emphasised(self, z, tokens, multipliers):
+        emphasis = self.emphasis()
+        emphasis.tokens, emphasis.multipliers, emphasis.z = tokens, torch.asarray(multipliers).to(z.device), z
+        emphasis.after_transformers()
+        return emphasis.z
 
 
 def _fit_tokens(cond: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -100,6 +100,10 @@ def test_reencoding_matches_webui_prompt_path(webui):
     details(webui, "test_reencoding_matches_webui_prompt_path")
 
 
+def test_reencoding_matches_webui_for_long_prompts_batches_and_emphasis_options(webui):
+    details(webui, "test_reencoding_matches_webui_for_long_prompts_batches_and_emphasis_options")
+
+
 def test_nested_job_does_not_get_the_outer_session(webui):
     details(webui, "test_nested_job_does_not_get_the_outer_session")
 
