@@ -26,16 +26,28 @@ def _range(t: torch.Tensor) -> str:
     return f"{float(t.min()):.4g} to {float(t.max()):.4g}"
 
 
+def _first(x, batched_dims: int, what: str, kind: str, empty: str) -> torch.Tensor:
+    """The first item of a batch (a tensor of `batched_dims` dimensions), or `x` itself when it is not a batch."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"the {what} is a {type(x).__name__}, not {kind}")
+    if x.dim() == batched_dims:
+        if x.shape[0] == 0:
+            raise InputError(f"the {what} batch is empty: {empty}")
+        x = x[0]
+    return x
+
+
+def _in_unit_range(x: torch.Tensor, what: str, kind: str, eight_bit: str):
+    if float(x.min()) < -TOLERANCE or float(x.max()) > 1 + TOLERANCE:
+        raise InputError(f"the {what} holds values from {_range(x)}; {kind} holds 0 to 1 (values up to 255 are "
+                         f"{eight_bit}: divide by 255)")
+
+
 def image(x, what: str = "IMAGE") -> torch.Tensor:
     """A channels-last image or batch, (b, h, w, c) or (h, w, c), values in [0, 1] -> the first image as
     (h, w, 3) float. Greyscale is repeated to RGB; an alpha channel (grey + alpha, RGBA) is dropped, as
     when an RGBA picture is opened as RGB; anything else is refused."""
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"the {what} is a {type(x).__name__}, not an image")
-    if x.dim() == 4:
-        if x.shape[0] == 0:
-            raise InputError(f"the {what} batch is empty: the node before it produced no image; check its inputs")
-        x = x[0]
+    x = _first(x, 4, what, "an image", "the node before it produced no image; check its inputs")
     if x.dim() == 2:
         raise InputError(f"the {what} has shape {list(x.shape)}, which is a mask (h, w), not an image; connect "
                          f"an image, or convert the mask to an image first")
@@ -50,9 +62,7 @@ def image(x, what: str = "IMAGE") -> torch.Tensor:
                          f"(512 or more is best)")
     x = x.float()
     finite(what, x, "the node or file that made it produced them; check it")
-    if float(x.min()) < -TOLERANCE or float(x.max()) > 1 + TOLERANCE:
-        raise InputError(f"the {what} holds values from {_range(x)}; an image holds 0 to 1 (values up to 255 are "
-                         f"8-bit pixels: divide by 255)")
+    _in_unit_range(x, what, "an image", "8-bit pixels")
     rgb = x[..., :1].expand(h, w, 3) if c in (1, 2) else x[..., :3]
     return rgb.clamp(0, 1)
 
@@ -63,21 +73,14 @@ def mask(m, size: tuple, fix: str, what: str = "MASK") -> torch.Tensor | None:
     rule of both hosts; `fix` says how to make a mask in the host."""
     if m is None:
         return None
-    if not isinstance(m, torch.Tensor):
-        raise InputError(f"the {what} is a {type(m).__name__}, not a mask")
-    if m.dim() == 3:
-        if m.shape[0] == 0:
-            raise InputError(f"the {what} batch is empty: the node before it produced no mask; {fix}, or remove it")
-        m = m[0]
+    m = _first(m, 3, what, "a mask", f"the node before it produced no mask; {fix}, or remove it")
     if m.dim() != 2:
         raise InputError(f"the {what} has shape {list(m.shape)}; a mask is (height, width)")
     if min(m.shape) < 1:
         raise InputError(f"the {what} has no pixels ({list(m.shape)}); {fix}, or remove it")
     m = m.float()
     finite(what, m, f"{fix}, or remove it")
-    if float(m.min()) < -TOLERANCE or float(m.max()) > 1 + TOLERANCE:
-        raise InputError(f"the {what} holds values from {_range(m)}; a mask holds 0 to 1 (values up to 255 are "
-                         f"8-bit: divide by 255)")
+    _in_unit_range(m, what, "a mask", "8-bit")
     (h, w), (mh, mw) = size, m.shape
     if abs(mh / mw - h / w) > 0.02 * h / w:
         raise InputError(f"the {what} is {mw}x{mh} pixels but the image is {w}x{h}: a mask must have the image's "
