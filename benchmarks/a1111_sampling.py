@@ -8,10 +8,9 @@ fresh --data folder builds them), headless on the CPU:
 
 A step's time is the median interval between consecutive denoiser callbacks of one job (CPU time of the
 process, and wall time), so loading, VAE and the first step are left out. Jobs: no E4T; E4T with a prompt
-without the placeholder (weight hooks only); E4T with the placeholder (hooks, per-step w, re-encoding through
-the slot encoder); the same with the prompt re-encoded through the webui's whole prompt path (as before the
-slot encoder); the same with the hooks' weight-change cache off too (every call recomputes W' − W, as before
-issue 17).
+without the placeholder (weights only: each changed layer run once with W'); E4T with the placeholder (weights,
+per-step w, re-encoding through the slot encoder); both again with every layer keeping the host's output and
+adding layer(x; W' − W), as before W' replaced the host's product.
 """
 import argparse
 import os
@@ -85,7 +84,7 @@ def main():
         clip_l_size()
     H.start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), "normal")
     from modules import script_callbacks
-    from e4t_a1111 import hooks, sampling
+    from e4t_a1111 import hooks
     script_callbacks.on_cfg_denoiser(stamp, name="e4t-bench-stamp")
     cases = [("no E4T", "a photo of *s", (False, None, 1.0, 0)),
              ("E4T, weights only", "a photo of a cat", H.concept_args()),
@@ -94,18 +93,13 @@ def main():
     for _ in range(args.repeats):
         for name, prompt, e4t_args in cases:
             rows.setdefault(name, []).append(job(prompt, e4t_args, args.steps, args.size))
-        supported, sampling.slot_text_unsupported = sampling.slot_text_unsupported, (lambda *a: "benchmark")
+        plain, hooks._is_plain = hooks._is_plain, (lambda *a: False)      # every layer: host output + layer(x; W' - W)
         try:
-            rows.setdefault("E4T, refined, webui text path", []).append(job("a photo of *s", H.concept_args(),
-                                                                            args.steps, args.size))
-            original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
-            try:
-                rows.setdefault("E4T, refined, webui text path, no weight cache", []).append(
-                    job("a photo of *s", H.concept_args(), args.steps, args.size))
-            finally:
-                hooks._weight_key = original
+            for name, prompt, e4t_args in cases[1:]:
+                rows.setdefault(f"{name}, W' - W added (before)", []).append(job(prompt, e4t_args, args.steps,
+                                                                                  args.size))
         finally:
-            sampling.slot_text_unsupported = supported
+            hooks._is_plain = plain
     params = sum(p.numel() for p in H.ENV.unet.parameters())
     text = sum(p.numel() for p in H.ENV.sd_model.cond_stage_model.parameters())
     print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, text encoder {text / 1e6:.1f} M, {args.size} px, "

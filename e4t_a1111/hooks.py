@@ -1,20 +1,26 @@
-"""E4T weights on a live U-Net as forward hooks: no tensor the host owns is ever written.
+"""E4T weights on a live U-Net, applied per call: no tensor the host owns is ever written.
 
 For a weight W as its module holds it at call time (the built-in Lora extension edits weights in
-place, so W already carries any active LoRA), a concept with tuned U-Net delta D and offsets ΔW at
+place, on a module's first call of a job), a concept with tuned U-Net delta D and offsets ΔW at
 strength s computes with
 
     W' = (W + s·D) ⊙ (1 + s·ΔW)        (ΔW on attention q/k/v only; D on every tuned weight)
 
-the engine's rule (`e4t.offsets.weight_change`), as the ComfyUI pack applies it. Linear and Conv2d
-layers are linear in their weight, so their hook adds layer(x; W' − W, s·D_bias) to the output;
-GroupNorm and LayerNorm recompute the output with W' and b + s·D_bias. Removing the hooks leaves
-every module exactly as it was.
+the engine's rule (`e4t.offsets.weight_change`), as the ComfyUI pack applies it.
 
-What a hook adds is computed once per module and weight version, not on every call: s·D does not
-depend on W, and (W + s·D)(1 + s·ΔW) − W is recomputed only when W's identity or in-place version
-changes (Lora writes its weights in place on a module's first call of a job). Kept on the device of
-the hooks' storage only: in low-VRAM mode (storage on the CPU) nothing is kept on the GPU.
+Each changed module gets a forward of its own for the job (an instance attribute, removed afterwards;
+hooks other code registers on the module still run around it, and see the real input and output). It
+first calls the module's own forward on an empty batch, so whatever that forward does to the weights
+(Lora's in-place edits) still happens, then runs the layer once with W' and b + s·D_bias: the cost of
+the plain layer. Linear and Conv2d layers check on their first call that the module's own forward is the
+plain layer on its weights (it is not under Lora's "functional" option, which adds LoRA from the input,
+or another extension's patch); where it is not, the host's output is kept and layer(x; W' − W, s·D_bias)
+added to it (two products, as the ComfyUI pack's unmerged path). GroupNorm and LayerNorm always compute
+with W' and b'.
+
+W' is computed once per module and weight version, not on every call: again only when W's (or its bias's)
+identity or in-place version changes. Kept on the device of the store only: in low-VRAM mode (store on the
+CPU) nothing is kept on the GPU.
 
 Torch and the engine only: no webui import, so it is testable on any CompVis-layout U-Net.
 """
@@ -26,17 +32,18 @@ from e4t.offsets import weight_change
 
 LINEAR_LIKE = (nn.Linear, nn.Conv2d)
 NORMS = (nn.GroupNorm, nn.LayerNorm)
+MERGEABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class WeightHooks:
-    """Forward hooks carrying one concept's offsets and tuned delta on the modules of `unet`.
+    """One concept's offsets and tuned delta on the modules of `unet`, while applied.
 
     offsets: {CompVis weight name: ΔW (out, in)}; unet_delta: {CompVis parameter name: D};
-    storage: device for the tensors the hooks keep (they follow the input's device at call time).
+    storage: device for the tensors kept (they follow the input's device at call time).
     """
 
     def __init__(self, unet: nn.Module, offsets: dict, unet_delta: dict, strength: float, storage=None):
-        self.unet, self.strength, self.handles = unet, float(strength), []
+        self.unet, self.strength, self.layers = unet, float(strength), []
         parts = {}
         for key, delta in unet_delta.items():
             owner, _, kind = key.rpartition(".")
@@ -73,54 +80,113 @@ class WeightHooks:
                              f"Is this an SD1.x model?") from None
 
     def apply(self):
-        """Register the hooks (idempotent). With strength 0 nothing is registered."""
+        """Give every changed module its forward (idempotent). With strength 0 nothing changes."""
         self.remove()
         if self.strength == 0:
             return self
-        for module, store in self.parts.values():
-            hook = _norm_hook if isinstance(module, NORMS) else _linear_hook
-            self.handles.append(module.register_forward_hook(_bind(hook, store, self.strength)))
+        self.layers = [_Layer(module, store, self.strength) for module, store in self.parts.values()]
         return self
 
     def remove(self):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        for layer in reversed(self.layers):
+            layer.remove()
+        self.layers = []
 
     @property
     def active(self):
-        return bool(self.handles)
+        return bool(self.layers)
 
 
-def _bind(hook, store, strength):
-    cache = {}                                     # per module: {"key": ..., "value": ...}, the latest only
+class _Layer:
+    """The forward of one changed module while the concept is applied."""
 
-    def bound(module, args, out):
-        return hook(module, args, out, store, strength, cache)
-    return bound
+    def __init__(self, module: nn.Module, store: dict, strength: float):
+        self.module, self.store, self.strength = module, store, strength
+        self.norm = isinstance(module, NORMS)
+        self.plain = None                 # is the module's own forward the plain layer? (first call of a Linear/Conv2d)
+        self.on, self.cache = True, {}    # {"key": weights' version, "value": what was derived from them}
+        self.before = module.__dict__.get("forward")       # another instance-level forward, set before ours
+        module.forward = self
+
+    def remove(self):
+        if self.module.__dict__.get("forward") is self:
+            if self.before is None:
+                del self.module.forward
+            else:
+                self.module.forward = self.before
+        self.on = False                   # wrapped by someone after us: from now on only their forward's host
+
+    def host(self):
+        return self.before if self.before is not None else type(self.module).forward.__get__(self.module)
+
+    def __call__(self, x, *args, **kwargs):
+        host, module = self.host(), self.module
+        if not self.on or args or kwargs:
+            return host(x, *args, **kwargs)
+        if self.norm:
+            out = host(x[:0])                                   # the module's own forward: Lora's edits happen
+            weight, bias = self._kept(x, self._norm_parts)
+            return _norm(module, x.float(), weight, bias).to(out.dtype)
+        if self.plain:
+            out = host(x[:0])
+            weight, bias = self._kept(x, self._merged_parts)
+            return _layer(module, x, weight, bias).to(out.dtype)
+        out = host(x)
+        if self.plain is None:
+            self.plain = _is_plain(module, x, out)
+        if self.plain:                                          # the first call: from the next on, W' is kept
+            change, bias = _cast(self._change_parts(x), x.dtype)
+        else:
+            change, bias = self._kept(x, lambda x: _cast(self._change_parts(x), x.dtype))
+        if change is None:                                      # a tuned bias only
+            return out + (bias if isinstance(module, nn.Linear) else bias[:, None, None]).to(out.dtype)
+        return out + _layer(module, x, change, bias).to(out.dtype)
+
+    def _kept(self, x, make):
+        """`make(x)`, kept while the module's weights keep their identity and version (the latest only)."""
+        key = _weight_key(self.module, x, self.store)
+        if key is None:
+            return make(x)
+        if self.cache.get("key") != key:
+            self.cache = {"key": key, "value": make(x)}
+        return self.cache["value"]
+
+    def _change_parts(self, x):
+        """(W' − W, s·D_bias) in fp32, either None."""
+        bias = self.store.get("bias")
+        return (change_of(self.module.weight, self.store, self.strength),
+                None if bias is None else self.strength * _on(bias, x).float())
+
+    def _merged_parts(self, x):
+        """(W', b') in the weight's dtype."""
+        change, added = self._change_parts(x)
+        weight, bias = self.module.weight, self.module.bias
+        if change is not None:
+            weight = (weight.float() + change).to(weight.dtype)
+        if added is not None:
+            bias = (bias.float() + added).to(bias.dtype)
+        return weight, bias
+
+    def _norm_parts(self, x):
+        """(W', b') in fp32."""
+        change, added = self._change_parts(x)
+        module = self.module
+        weight = module.weight.float() + (0 if change is None else change)
+        bias = module.bias.float() if module.bias is not None else torch.zeros_like(weight)
+        return weight, bias if added is None else bias + added
 
 
 def _weight_key(module, x: torch.Tensor, store: dict):
-    """What the hook's precomputed tensors depend on, or None where they must not be kept."""
+    """What the tensors derived from a module's weights depend on, or None where they must not be kept."""
     held = next(iter(store.values()))
     if held.device != x.device:                  # low VRAM: the store stays on the CPU, keep nothing on the GPU
         return None
-    if "offset" not in store and not isinstance(module, NORMS):
-        return (x.device, x.dtype)               # s·D and s·D_bias only: W does not enter
-    held_now = [module.weight] + ([module.bias] if isinstance(module, NORMS) and module.bias is not None else [])
+    held_now = [module.weight] + ([module.bias] if module.bias is not None else [])
     try:
         versions = tuple((id(t), t.data_ptr(), t._version) for t in held_now)
-    except RuntimeError:                         # inference tensors keep no version counter: never cache
+    except RuntimeError:                         # inference tensors keep no version counter: never keep
         return None
     return (x.device, x.dtype) + versions
-
-
-def _cached(cache: dict, key, compute):
-    if key is None:
-        return compute()
-    if cache.get("key") != key:
-        cache["key"], cache["value"] = key, compute()
-    return cache["value"]
 
 
 def _on(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -132,41 +198,29 @@ def change_of(weight: torch.Tensor, store: dict, strength: float) -> torch.Tenso
     return weight_change(weight.detach(), store.get("offset"), store.get("weight"), strength)
 
 
-def _linear_hook(module, args, out, store, strength, cache):
-    x = args[0]
-    change, bias = _cached(cache, _weight_key(module, x, store), lambda: _linear_parts(module, x, store, strength))
-    if change is None:                       # a tuned bias only
-        return out + (bias if isinstance(module, nn.Linear) else bias[:, None, None]).to(out.dtype)
+def _cast(tensors, dtype):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _layer(module, x, weight, bias):
+    """The plain Linear / Conv2d computation with the given weights."""
     if isinstance(module, nn.Linear):
-        extra = F.linear(x, change, bias)
-    else:
-        extra = module._conv_forward(x, change, bias)
-    return out + extra.to(out.dtype)
+        return F.linear(x, weight, bias)
+    return module._conv_forward(x, weight, bias)
 
 
-def _linear_parts(module, x, store, strength):
-    """(W' − W, s·D_bias) in the input's dtype, either None."""
-    change = change_of(module.weight, store, strength)
-    bias = store.get("bias")
-    bias = None if bias is None else strength * _on(bias, x).to(x.dtype)
-    return (None if change is None else change.to(x.dtype)), bias
+def _is_plain(module, x, out) -> bool:
+    """Whether the module's forward gave exactly the plain layer on its (possibly just edited) weights, so that
+    running the layer with W' replaces it."""
+    if module.weight.dtype not in MERGEABLE:
+        return False
+    try:
+        return torch.equal(out, _layer(module, x, module.weight, module.bias))
+    except (RuntimeError, TypeError):
+        return False
 
 
-def _norm_parts(module, x, store, strength):
-    """(W', b') in fp32."""
-    change = change_of(module.weight, store, strength)
-    weight = module.weight.float() + (0 if change is None else change)
-    bias = module.bias.float() if module.bias is not None else torch.zeros_like(weight)
-    if "bias" in store:
-        bias = bias + strength * _on(store["bias"], x).float()
-    return weight, bias
-
-
-def _norm_hook(module, args, out, store, strength, cache):
-    x = args[0].float()
-    weight, bias = _cached(cache, _weight_key(module, x, store), lambda: _norm_parts(module, x, store, strength))
+def _norm(module, x, weight, bias):
     if isinstance(module, nn.GroupNorm):
-        y = F.group_norm(x, module.num_groups, weight, bias, module.eps)
-    else:
-        y = F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
-    return y.to(out.dtype)
+        return F.group_norm(x, module.num_groups, weight, bias, module.eps)
+    return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)

@@ -264,7 +264,9 @@ def changed_tensors(reference):
 
 
 def hook_count():
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in ENV.sd_model.modules())
+    """Hooks and instance-level forwards (E4T's weights are the latter) on the model's modules."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in vars(m))
+               for m in ENV.sd_model.modules())
 
 
 def e4t_modules():

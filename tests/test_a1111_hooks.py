@@ -86,7 +86,7 @@ def test_removed_hooks_leave_the_unet_bit_identical(unet):
     offsets, delta = concept(unet)
     x, t, ctx = inputs()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    n_hooks = sum(len(m._forward_hooks) for m in unet.modules())
+    n_hooks = sum(len(m._forward_hooks) + ("forward" in vars(m)) for m in unet.modules())
     with torch.no_grad():
         plain = unet(x, t, ctx)
         h = hooks.WeightHooks(unet, offsets, delta, 1.0).apply()
@@ -95,7 +95,7 @@ def test_removed_hooks_leave_the_unet_bit_identical(unet):
         again = unet(x, t, ctx)
     assert not torch.equal(plain, changed), "the hooks changed nothing"
     assert torch.equal(plain, again), "output not identical after removing the hooks"
-    assert sum(len(m._forward_hooks) for m in unet.modules()) == n_hooks, "hooks left behind"
+    assert sum(len(m._forward_hooks) + ("forward" in vars(m)) for m in unet.modules()) == n_hooks, "forwards left"
     after = unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a U-Net tensor was written"
 
@@ -126,7 +126,8 @@ def _plain_copy(unet):
 
 
 def test_weight_changes_are_computed_once_per_weight_version(unet, monkeypatch):
-    """Repeated calls reuse W' − W (one computation per module), bit-identical to computing it every call."""
+    """After the first call (which checks the module's own forward) W' is reused, not recomputed, and the outputs
+    are bit-identical to computing it on every call."""
     hooks = load_hooks()
     unet = _plain_copy(unet)
     offsets, delta = concept(unet)
@@ -136,16 +137,119 @@ def test_weight_changes_are_computed_once_per_weight_version(unet, monkeypatch):
     monkeypatch.setattr(hooks, "weight_change", lambda *a: calls.append(1) or compute(*a))
     with torch.no_grad():
         h = hooks.WeightHooks(unet, offsets, delta, 0.7).apply()
-        first, second = unet(x, t, ctx), unet(x, t, ctx)
+        cached, counts = [], []
+        for _ in range(3):
+            cached.append(unet(x, t, ctx))
+            counts.append(len(calls))
+        merged_later = sum(not layer.norm and layer.plain for layer in h.layers)   # the first call's W' - W not kept
         h.remove()
     n_modules = len(h.parts)
-    assert len(calls) == n_modules, f"{len(calls)} weight changes computed for {n_modules} hooked modules in 2 calls"
+    assert counts == [n_modules, n_modules + merged_later, n_modules + merged_later], \
+        f"weight changes computed after each call: {counts}, for {n_modules} changed modules ({merged_later} merged)"
     monkeypatch.setattr(hooks, "_weight_key", lambda *a: None)           # the uncached path
     with torch.no_grad():
         h = hooks.WeightHooks(unet, offsets, delta, 0.7).apply()
-        uncached = unet(x, t, ctx)
+        uncached = [unet(x, t, ctx) for _ in range(3)]
         h.remove()
-    assert torch.equal(first, uncached) and torch.equal(second, uncached)
+    assert all(torch.equal(a, b) for a, b in zip(cached, uncached))
+
+
+def test_merged_weights_cost_the_plain_layers(unet):
+    """From the second call on, a concept changing every weight costs the FLOPs of the plain U-Net (one product per
+    layer, with W'), and gives the two-product result of the first call to rounding."""
+    from torch.utils.flop_counter import FlopCounterMode
+    hooks = load_hooks()
+    unet = _plain_copy(unet)
+    offsets, delta = concept(unet)
+    x, t, ctx = inputs()
+
+    def flops():
+        with FlopCounterMode(display=False) as counter:
+            out = unet(x, t, ctx)
+        return counter.get_total_flops(), out
+    with torch.no_grad():
+        plain, _ = flops()
+        h = hooks.WeightHooks(unet, offsets, delta, 0.7).apply()
+        (first, added), (second, merged_out) = flops(), flops()
+        h.remove()
+        expected = merged(unet, offsets, delta, 0.7)(x, t, ctx)
+    assert first > 1.5 * plain, f"the first call ({first} FLOPs) did not add layer(x; W' - W) ({plain} plain)"
+    assert second == plain, f"hooked U-Net after its first call: {second / plain:.3f}x the plain U-Net's FLOPs"
+    for got in (added, merged_out):
+        err = ((got - expected).abs().max() / expected.abs().max()).item()
+        assert err < 1e-5, f"differs from the merged-weight U-Net by {err:.2e} (relative)"
+
+
+class EditsInPlace(torch.nn.Linear):
+    """As the built-in Lora extension's patched forward: writes LoRA into the weight on the first call."""
+
+    def __init__(self, lora):
+        super().__init__(lora.shape[1], lora.shape[0])
+        self.lora, self.applied = lora, False
+
+    def forward(self, x):
+        if not self.applied:
+            with torch.no_grad():
+                self.weight.add_(self.lora)
+            self.applied = True
+        return super().forward(x)
+
+
+class AddsFromInput(torch.nn.Linear):
+    """As Lora's "functional" option: LoRA added from the input, weights untouched."""
+
+    def __init__(self, lora):
+        super().__init__(lora.shape[1], lora.shape[0])
+        self.lora = lora
+
+    def forward(self, x):
+        return super().forward(x) + F.linear(x, self.lora)
+
+
+@pytest.mark.parametrize("kind", [EditsInPlace, AddsFromInput])
+def test_the_modules_own_forward_still_counts(kind):
+    """Whatever the module's own forward does (edit its weight in place, or add from the input) is in every call's
+    output, merged or not."""
+    hooks = load_hooks()
+    g = torch.Generator().manual_seed(0)
+    lora = torch.randn(5, 6, generator=g)
+    layer = kind(lora)
+    model = torch.nn.ModuleDict({"lin": layer})
+    offset, d = torch.randn(5, 6, generator=g) * 0.3, torch.randn(5, 6, generator=g) * 0.1
+    x = torch.randn(4, 6, generator=g)
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        h = hooks.WeightHooks(model, {"lin.weight": offset}, {"lin.weight": d}, 1.0).apply()
+        got = [layer(x) for _ in range(3)]
+        _layer = h.layers[0]
+        h.remove()
+    w = (w0 + lora + d) * (1 + offset) if kind is EditsInPlace else (w0 + d) * (1 + offset)
+    want = F.linear(x, w, layer.bias) + (0 if kind is EditsInPlace else F.linear(x, lora))
+    for out in got:
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-5), (out - want).abs().max()
+    assert _layer.plain is (kind is EditsInPlace), "the module's own forward was misjudged"
+
+
+def test_forwards_set_by_others_are_kept():
+    """An instance-level forward set before E4T's runs inside it and is restored; one set after it keeps working
+    once E4T's is removed."""
+    hooks = load_hooks()
+    lin = torch.nn.Linear(6, 5)
+    model = torch.nn.ModuleDict({"lin": lin})
+    x, d = torch.randn(2, 6), torch.randn(5, 6)
+    calls = []
+    theirs = lambda x: calls.append("before") or torch.nn.Linear.forward(lin, x)  # noqa: E731
+    lin.forward = theirs
+    with torch.no_grad():
+        h = hooks.WeightHooks(model, {}, {"lin.weight": d}, 1.0).apply()
+        out = lin(x)
+        ours = lin.forward
+        lin.forward = lambda x: calls.append("after") or ours(x)                 # wraps E4T's
+        h.remove()
+        again = lin(x)
+    assert torch.allclose(out, F.linear(x, lin.weight + d, lin.bias), atol=1e-6)
+    assert calls == ["before", "after", "before"], calls
+    assert torch.allclose(again, F.linear(x, lin.weight, lin.bias), atol=1e-6), "E4T still applied after removal"
 
 
 def test_cached_weight_change_follows_in_place_edits():
