@@ -465,20 +465,19 @@ def op_counts(s, device, args):
         g = torch.Generator().manual_seed(0)
         delta = {k: torch.randn(p.shape, generator=g).to(device, p.dtype) * 1e-3 for k, p in s.unet.named_parameters()}
         offsets = {k: d.detach().to(device) for k, d in s.offsets.deltas().items()}
-        h = hooks.WeightHooks(s.unet, offsets, delta, 1.0).apply()
-        try:
-            plain()                                                                   # fills the cache
-            o_cached = ops(plain)
-            original, hooks._weight_key = hooks._weight_key, (lambda *a: None)
+        counted = {}
+        for name, merges in (("merged", True), ("added", False)):
+            plain_layer, hooks._is_plain = hooks._is_plain, (hooks._is_plain if merges else lambda *a: False)
+            h = hooks.WeightHooks(s.unet, offsets, delta, 1.0).apply()
             try:
-                o_uncached = ops(plain)
+                plain()                                               # checks each layer, keeps W' (or W' - W)
+                counted[name] = ops(plain)
             finally:
-                hooks._weight_key = original
-        finally:
-            h.remove()
+                h.remove()
+                hooks._is_plain = plain_layer
         rows.append(("ops: A1111 U-Net call (CFG) with a trains-all concept", f"no E4T {o_plain}",
-                     f"weight changes cached {o_cached}", f"before (recomputed per call) {o_uncached}",
-                     f"{len(h.parts)} hooked modules"))
+                     f"each layer once with W' {counted['merged']}",
+                     f"before (host's layer + layer(x; W' - W)) {counted['added']}", f"{len(h.parts)} changed modules"))
     with s.e4t_weights_on_cpu():
         memory, trains = args.tunes[0]
         per_run = [ops(lambda: s.tune(k, args.batch, memory, trains)) for k in (1, 2)]

@@ -1,10 +1,10 @@
-"""A concept applied to one txt2img/img2img job: offsets as forward hooks, and the placeholder's
-embedding predicted again at every denoiser call.
+"""A concept applied to one txt2img/img2img job: its weights on the U-Net's layers (`hooks`), and the
+placeholder's embedding predicted again at every denoiser call.
 
 Per call (`on_cfg_denoiser`): the images' current latents are turned into the U-Net's actual input
 and timestep (k-diffusion: x·c_in and sigma_to_t(σ); timestep samplers such as DDIM: x_t and t as
 they are), the U-Net down path gives the maps from which the folded encoder predicts w for each
-image, and every positive sub-prompt that contains the placeholder is encoded again with w in the
+image (with an empty negative prompt, the negative's own U-Net pass, run first: `shared_pass`), and every positive sub-prompt that contains the placeholder is encoded again with w in the
 placeholder's slot: from the webui's own chunks through `e4t.SlotEncoder` (`SlotSchedule`: only the
 positions from the slot on, all images in one call), or through the webui's whole prompt path where
 that cannot be reproduced exactly (`slot_text_unsupported`). Only `text_cond` changes; the negative
@@ -25,7 +25,7 @@ import torch
 
 import e4t
 
-from . import host, store
+from . import host, shared_pass, store
 from .hooks import WeightHooks
 from .host import E4TError
 
@@ -162,6 +162,7 @@ class Session:
         self._check_fit()
         self.device = devices.device
         self.hooks, self.placeholder, self.pass_prompts, self.calls = None, None, None, 0
+        self._handed, self._unshared = None, None            # the `UncondPass` handed to the webui's next call
         self._cache, self._slots = {}, {}
         self.runs = []                         # a NormRun per sampler run (n_iter batches, hires passes)
         try:
@@ -203,6 +204,7 @@ class Session:
         self._core.empty_context = host.empty_context(self.sd_model)        # this job's LoRA on the text encoder
         self.refinement.reset()
         self._cache, self._slots = {}, {}                   # slot encoders per pass: this job's LoRA, CLIP skip
+        self._unshared = None                               # why the feature pass runs on its own (said once)
 
     @torch.no_grad()
     def on_cfg_denoiser(self, params):
@@ -218,9 +220,11 @@ class Session:
         n = prompts.images
         x, t = model_input(params.denoiser, params.x[-n:], params.sigma[-n:])
         t = t.to(devices.dtype_unet).float()                # the precision the U-Net call gets
+        uncond = self._uncond_pass(params, t) if self.refinement.due(t, n) else None
         with devices.autocast():
             host.unet_on_device(self.sd_model)
-            words = self.refinement(self.unet, x, t, devices.dtype_unet)      # (n, d)
+            words = self.refinement(self.unet, x, t, devices.dtype_unet,       # (n, d)
+                                    maps=None if uncond is None else uncond.maps)
         self.calls += 1
         self.runs[-1].add(t, words, self.e_domain)        # also when frozen below t_stop: one point per call
         if words is not self._cache.get("words"):
@@ -233,6 +237,26 @@ class Session:
                 enc = encoded[index][prompts.users[index].index(image)]
                 new[row] = _fit_tokens(enc, cond.shape[1]).to(cond)
         params.text_cond = new
+        if uncond is not None:
+            self._handed = uncond
+            uncond.hand_over()
+
+    def _uncond_pass(self, params, t):
+        """The unconditional rows run now, their block outputs kept for w (`shared_pass`), or None where that
+        does not apply (said once per sampler run)."""
+        if self._handed is not None:                        # a pass the webui never called for
+            self._handed.remove()
+            self._handed = None
+        reason = shared_pass.unsupported(params, len(self.pass_prompts.rows), self._core.empty_context)
+        if reason is None:
+            uncond = shared_pass.UncondPass(params, self.unet, len(self.pass_prompts.rows))
+            if uncond.maps is not None:
+                return uncond
+            reason = "a U-Net block was not called"
+        if self._unshared is None:
+            self._unshared = reason
+            log.info("E4T: the refinement's feature pass runs beside the negative prompt's pass (%s)", reason)
+        return None
 
     def _encoded(self, index, entry, words):
         """(images using flat prompt `index`, tokens, d): schedule entry `entry` of that prompt with each image's
@@ -283,6 +307,8 @@ class Session:
         return self._cache[key]
 
     def close(self):
+        if self._handed is not None:
+            self._handed.remove()
         if self.hooks is not None:
             self.hooks.remove()
         if self.placeholder is not None:

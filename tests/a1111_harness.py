@@ -15,7 +15,6 @@ order or alone (--only, in the order given). Each case prints one line
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -729,7 +728,6 @@ def test_nested_job_does_not_get_the_outer_session():
 
 @case()
 def test_offsets_stack_with_lora_and_are_removed():
-    import torch
     import torch.nn.functional as F
     from modules import sd_hijack
     from e4t_a1111 import sampling
@@ -796,6 +794,62 @@ def test_weight_cache_gives_bit_identical_images():
     check(not np.array_equal(cached[0], cached[1]), "the LoRA changed nothing: the case cannot tell")
     check(np.array_equal(cached[0], cached[2]), "the LoRA job after a job without it gave another image")
     return {"jobs": len(prompts) * 2}
+
+
+@case()
+def test_negative_pass_is_shared_with_the_feature_pass():
+    """With an empty negative prompt the negative's own U-Net pass gives the feature pass's maps: no feature pass
+    runs, the webui's U-Net call computes the prompt rows only, and w and the images equal those of the separate
+    feature pass to rounding (Euler and DDIM, 1 and 2 images); a negative prompt runs the feature pass."""
+    import numpy as np
+    import e4t.refinement
+    from e4t_a1111 import shared_pass
+    features, original = [], e4t.refinement.unet_features
+
+    def counted(*args, **kwargs):
+        features.append(1)
+        return original(*args, **kwargs)
+
+    def run(sampler="Euler", negative="", batch=1):
+        features.clear()
+        ENV.probe.reset()
+        seen, handles = ENV.probe.unet_inputs()
+        try:
+            _, res = generate("a photo of *s", concept_args(), sampler=sampler, steps=3, negative=negative, batch=batch)
+        finally:
+            ENV.probe.active = False
+            for handle in handles:
+                handle.remove()
+        return dict(features=len(features), batches=[x.shape[0] for x in seen["x"]],
+                    vecs=[r["vec"] for r in ENV.probe.cond_rows],
+                    images=[np.asarray(image).astype(int) for image in res.images[:batch]])
+
+    e4t.refinement.unet_features = counted
+    found = {}
+    try:
+        for sampler, batch in (("Euler", 1), ("DDIM", 2)):
+            shared = run(sampler, batch=batch)
+            reason, shared_pass.unsupported = shared_pass.unsupported, (lambda *args: "the test's reference")
+            try:
+                separate = run(sampler, batch=batch)
+            finally:
+                shared_pass.unsupported = reason
+            check(shared["features"] == 0, f"{sampler}: {shared['features']} feature passes beside the shared one")
+            check(separate["features"] == 3, f"{sampler}: the reference ran {separate['features']} feature passes")
+            check(shared["batches"] == [batch] * 6, f"{sampler}: U-Net batches {shared['batches']} (want the "
+                                                    f"negative's rows, then the prompt's, each step)")
+            check(separate["batches"] == [batch, 2 * batch] * 3, f"{sampler}: reference batches {separate['batches']}")
+            w_err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(shared["vecs"], separate["vecs"]))
+            check(w_err < 1e-5, f"{sampler}: w differs from the separate feature pass's by {w_err:.2e} (relative)")
+            image_err = max(np.abs(a - b).max() for a, b in zip(shared["images"], separate["images"]))
+            check(image_err <= 1, f"{sampler}: images differ by up to {image_err} levels")
+            found[sampler] = {"w_rel_err": w_err, "image_levels": int(image_err)}
+        negative = run(negative="blurry")
+        check(negative["features"] == 3 and negative["batches"] == [1, 2] * 3,
+              f"with a negative prompt: {negative['features']} feature passes, batches {negative['batches']}")
+    finally:
+        e4t.refinement.unet_features = original
+    return found
 
 
 @case()

@@ -116,6 +116,10 @@ def test_weight_cache_gives_bit_identical_images(webui):
     details(webui, "test_weight_cache_gives_bit_identical_images")
 
 
+def test_negative_pass_is_shared_with_the_feature_pass(webui):
+    details(webui, "test_negative_pass_is_shared_with_the_feature_pass")
+
+
 def test_failed_setup_fails_the_job_with_a_clear_message(webui):
     details(webui, "test_failed_setup_fails_the_job_with_a_clear_message")
 
