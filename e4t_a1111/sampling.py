@@ -4,7 +4,8 @@ placeholder's embedding predicted again at every denoiser call.
 Per call (`on_cfg_denoiser`): the images' current latents are turned into the U-Net's actual input
 and timestep (k-diffusion: x·c_in and sigma_to_t(σ); timestep samplers such as DDIM: x_t and t as
 they are), the U-Net down path gives the maps from which the folded encoder predicts w for each
-image (with an empty negative prompt, the negative's own U-Net pass, run first: `shared_pass`), and every positive sub-prompt that contains the placeholder is encoded again with w in the
+image (with an empty negative prompt, the negative's own U-Net pass run first: `shared_pass`), and
+every positive sub-prompt that contains the placeholder is encoded again with w in the
 placeholder's slot: from the webui's own chunks through `e4t.SlotEncoder` (`SlotSchedule`: only the
 positions from the slot on, all images in one call), or through the webui's whole prompt path where
 that cannot be reproduced exactly (`slot_text_unsupported`). Only `text_cond` changes; the negative
@@ -209,6 +210,9 @@ class Session:
     @torch.no_grad()
     def on_cfg_denoiser(self, params):
         from modules import devices
+        if self._handed is not None:                        # a pass the webui never called for (interrupted)
+            self._handed.remove()
+            self._handed = None
         prompts = self.pass_prompts
         cond = params.text_cond
         if not isinstance(cond, torch.Tensor) or cond.shape[0] != len(prompts.rows) or \
@@ -220,7 +224,7 @@ class Session:
         n = prompts.images
         x, t = model_input(params.denoiser, params.x[-n:], params.sigma[-n:])
         t = t.to(devices.dtype_unet).float()                # the precision the U-Net call gets
-        uncond = self._uncond_pass(params, t) if self.refinement.due(t, n) else None
+        uncond = self._uncond_pass(params) if self.refinement.due(t, n) else None
         with devices.autocast():
             host.unet_on_device(self.sd_model)
             words = self.refinement(self.unet, x, t, devices.dtype_unet,       # (n, d)
@@ -241,12 +245,9 @@ class Session:
             self._handed = uncond
             uncond.hand_over()
 
-    def _uncond_pass(self, params, t):
+    def _uncond_pass(self, params):
         """The unconditional rows run now, their block outputs kept for w (`shared_pass`), or None where that
         does not apply (said once per sampler run)."""
-        if self._handed is not None:                        # a pass the webui never called for
-            self._handed.remove()
-            self._handed = None
         reason = shared_pass.unsupported(params, len(self.pass_prompts.rows), self._core.empty_context)
         if reason is None:
             uncond = shared_pass.UncondPass(params, self.unet, len(self.pass_prompts.rows))
