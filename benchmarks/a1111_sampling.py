@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--clip-l", action="store_true", help="a text encoder of CLIP-L's size (12 layers, width 768) "
                     "instead of the tiny one, so the per-step text encoding weighs as in SD1.5")
+    ap.add_argument("--no-before", dest="before", action="store_false",
+                    help="leave out the jobs with W' - W added (the cost before each layer ran once with W')")
     args = ap.parse_args()
     if args.channels != 32:
         H.TINY_YAML = H.TINY_YAML.replace("model_channels: 32", f"model_channels: {args.channels}")
@@ -99,7 +101,7 @@ def main():
             rows.setdefault("E4T, refined, feature pass separate", []).append(job(*cases[2][1:], args.steps, args.size))
             plain, hooks._is_plain = hooks._is_plain, (lambda *a: False)  # every layer: host + layer(x; W' - W)
             try:
-                for name, prompt, e4t_args in cases[1:]:
+                for name, prompt, e4t_args in cases[1:] if args.before else ():
                     rows.setdefault(f"{name}, W' - W added (before)", []).append(job(prompt, e4t_args, args.steps,
                                                                                       args.size))
             finally:
@@ -110,11 +112,12 @@ def main():
     text = sum(p.numel() for p in H.ENV.sd_model.cond_stage_model.parameters())
     print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, text encoder {text / 1e6:.1f} M, {args.size} px, "
           f"Euler CFG 7, {args.steps} steps, trains-all concept; median step of the best of {args.repeats} jobs (CPU)\n")
-    print("| job | wall ms/step | CPU ms/step | CPU ratio to no E4T |\n|---|---|---|---|")
+    print("| job | wall ms/step | CPU ms/step | CPU ratio to no E4T | CPU ms/step of each job |\n|---|---|---|---|---|")
     base = min(c for _, c in rows["no E4T"])
     for name, found in rows.items():
         wall, cpu = min(w for w, _ in found), min(c for _, c in found)
-        print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {cpu / base:.2f}x |")
+        each = ", ".join(f"{c * 1e3:.0f}" for _, c in found)
+        print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {cpu / base:.2f}x | {each} |")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,8 @@ def bench(args):
         rows.append(loading(s, args))
     if "ops" in args.parts:
         rows += op_counts(s, device, args)
+    if "a1111" in args.parts:
+        rows += a1111_layers(s, device, dtype, args)
     if "text" in args.parts:
         rows += text_timing(args)
     return rows
@@ -427,6 +429,53 @@ def shared_feature_pass(s, device, dtype, args):
     return rows
 
 
+def webui_parameters(unet):
+    """The U-Net's weights as the webui holds them: normal tensors (they keep a version counter)."""
+    with torch.inference_mode(False):
+        for module in unet.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+
+
+def a1111_layers(s, device, dtype, args):
+    """One U-Net call (CFG: batch 2 per image) with the A1111 extension's weights for a concept that changes every
+    U-Net weight: each layer once with W' (now), or the host's layer plus layer(x; W' - W) (before). Configurations
+    interleaved, twice; times after the first two calls, which check each layer and compute W'."""
+    hooks = a1111_hooks()
+    webui_parameters(s.unet)
+    n = args.sample_batch[0]
+    x = torch.randn(2 * n, 4, s.res // 8, s.res // 8, device=device)
+    t = torch.full((2 * n,), 500.0, device=device)
+    context = s.empty.to(device).expand(2 * n, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    delta = {k: torch.randn(p.shape, generator=g).to(device, p.dtype) * 1e-3 for k, p in s.unet.named_parameters()}
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+
+    @torch.no_grad()
+    def call():
+        with autocast:
+            s.unet(x, timesteps=t, context=context)
+    found = {}
+    for name in ("none", "merged", "added") * 2:
+        plain_layer = hooks._is_plain
+        h = None
+        if name != "none":
+            hooks._is_plain = plain_layer if name == "merged" else (lambda *a: False)
+            h = hooks.WeightHooks(s.unet, {}, delta, 1.0).apply()
+        try:
+            found.setdefault(name, []).append(timed(call, device, args.repeats, warmup=2))
+        finally:
+            if h is not None:
+                h.remove()
+            hooks._is_plain = plain_layer
+    none, merged, added = (min(found[k]) for k in ("none", "merged", "added"))
+    return [(f"A1111 U-Net call, CFG, {n} image(s), concept changing every weight", f"no E4T {none * 1e3:.1f} ms",
+             f"each layer once with W' {merged * 1e3:.1f} ms (**{merged / none:.2f}x**)",
+             f"before: layer + layer(x; W' - W) {added * 1e3:.1f} ms ({added / none:.2f}x)",
+             "rounds (ms): " + "; ".join(f"{k} " + ", ".join(f"{v * 1e3:.0f}" for v in vs) for k, vs in found.items()))]
+
+
 def op_counts(s, device, args):
     """Dispatched operations (≈ GPU kernel launches) per sampling step and per tune step, on any device;
     the 'before' columns are the code paths issue 17 replaced, still available for comparison."""
@@ -437,11 +486,7 @@ def op_counts(s, device, args):
     empty = s.empty.expand(n, -1, -1)
     folded = s.encoder.fold(s.encoder.image_features(s.image[None]))
     words = s.e_domain.to(device).expand(n, -1)
-    with torch.inference_mode(False):       # the U-Net's weights as the webui holds them: normal tensors
-        for module in s.unet.modules():
-            for name, p in list(module._parameters.items()):
-                if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    webui_parameters(s.unet)
     with torch.inference_mode():
         full = lambda: s.text_encode(["p"] * n, words)                             # noqa: E731
         slot = lambda: s.slot_encoder(words)                                       # noqa: E731
@@ -512,7 +557,7 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, shared, load, profile, rss, ops, text")
+    p.add_argument("--parts", default="tune,sampling,load", help="comma-separated: tune, sampling, shared, load, profile, rss, ops, text, a1111")
     p.add_argument("--resolution", type=int, help="tuning resolution (default: 512, tiny 64)")
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")

@@ -84,7 +84,8 @@ class WeightHooks:
         self.remove()
         if self.strength == 0:
             return self
-        self.layers = [_Layer(module, store, self.strength) for module, store in self.parts.values()]
+        arena = _Arena([module for module, _ in self.parts.values() if isinstance(module, LINEAR_LIKE)])
+        self.layers = [_Layer(module, store, self.strength, arena) for module, store in self.parts.values()]
         return self
 
     def remove(self):
@@ -100,8 +101,8 @@ class WeightHooks:
 class _Layer:
     """The forward of one changed module while the concept is applied."""
 
-    def __init__(self, module: nn.Module, store: dict, strength: float):
-        self.module, self.store, self.strength = module, store, strength
+    def __init__(self, module: nn.Module, store: dict, strength: float, arena: "_Arena"):
+        self.module, self.store, self.strength, self.arena = module, store, strength, arena
         self.norm = isinstance(module, NORMS)
         self.plain = None                 # is the module's own forward the plain layer? (first call of a Linear/Conv2d)
         self.on, self.cache = True, {}    # {"key": weights' version, "value": what was derived from them}
@@ -162,9 +163,9 @@ class _Layer:
         change, added = self._change_parts(x)
         weight, bias = self.module.weight, self.module.bias
         if change is not None:
-            weight = (weight.float() + change).to(weight.dtype)
+            weight = self.arena.hold(weight, weight.float() + change)
         if added is not None:
-            bias = (bias.float() + added).to(bias.dtype)
+            bias = self.arena.hold(bias, bias.float() + added)
         return weight, bias
 
     def _norm_parts(self, x):
@@ -174,6 +175,33 @@ class _Layer:
         weight = module.weight.float() + (0 if change is None else change)
         bias = module.bias.float() if module.bias is not None else torch.zeros_like(weight)
         return weight, bias if added is None else bias + added
+
+
+class _Arena:
+    """Every Linear/Conv2d layer's W' and b' in one flat CPU buffer per dtype. Kept as hundreds of separate tensors,
+    they changed how glibc's malloc reuses memory for the U-Net's activations: in the webui on a CPU, a call with a
+    concept changing every weight page-faulted 1.7× as much and took 1.2–1.45× as long as a plain call, with one
+    buffer as long (BENCHMARKS.md). GPU memory comes from torch's caching allocator: tensors stay separate there."""
+
+    def __init__(self, modules: list):
+        self.params = [p for m in modules for p in (m.weight, m.bias) if p is not None]
+        self.buffers = {}                              # dtype -> (flat buffer, {id(parameter): offset})
+
+    def hold(self, param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """`value` in `param`'s dtype, in `param`'s place in the buffer where it has one."""
+        if param.device.type != "cpu":
+            return value.to(param.dtype)
+        if param.dtype not in self.buffers:
+            offsets, total = {}, 0
+            for p in self.params:
+                if p.device.type == "cpu" and p.dtype == param.dtype:
+                    offsets[id(p)], total = total, total + p.numel()
+            self.buffers[param.dtype] = torch.empty(total, dtype=param.dtype), offsets
+        flat, offsets = self.buffers[param.dtype]
+        start = offsets.get(id(param))
+        if start is None:
+            return value.to(param.dtype)
+        return flat[start:start + param.numel()].view(param.shape).copy_(value)
 
 
 def _weight_key(module, x: torch.Tensor, store: dict):

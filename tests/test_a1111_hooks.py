@@ -171,10 +171,12 @@ def test_merged_weights_cost_the_plain_layers(unet):
         plain, _ = flops()
         h = hooks.WeightHooks(unet, offsets, delta, 0.7).apply()
         (first, added), (second, merged_out) = flops(), flops()
+        buffers = {layer.cache["value"][0].untyped_storage().data_ptr() for layer in h.layers if layer.plain}
         h.remove()
         expected = merged(unet, offsets, delta, 0.7)(x, t, ctx)
     assert first > 1.5 * plain, f"the first call ({first} FLOPs) did not add layer(x; W' - W) ({plain} plain)"
     assert second == plain, f"hooked U-Net after its first call: {second / plain:.3f}x the plain U-Net's FLOPs"
+    assert len(buffers) == 1, f"the layers' W' are kept in {len(buffers)} allocations (want one buffer on a CPU)"
     for got in (added, merged_out):
         err = ((got - expected).abs().max() / expected.abs().max()).item()
         assert err < 1e-5, f"differs from the merged-weight U-Net by {err:.2e} (relative)"
