@@ -9,9 +9,9 @@ fresh --data folder builds them), headless on the CPU:
 A step's time is the median interval between consecutive denoiser callbacks of one job (CPU time of the
 process, and wall time), so loading, VAE and the first step are left out. Jobs: no E4T; E4T with a prompt
 without the placeholder (weights only: each changed layer run once with W'); E4T with the placeholder (weights,
-per-step w from the negative prompt's own U-Net pass, re-encoding through the slot encoder); the same with the
-feature pass on its own; and, with that, both E4T jobs with every layer keeping the host's output and adding
-layer(x; W' − W), as before W' replaced the host's product.
+per-step w from the separate feature pass, re-encoding through the slot encoder); the same with w from the
+negative prompt's own U-Net pass (the setting "e4t_share_negative_pass"); and both E4T jobs with every layer
+keeping the host's output and adding layer(x; W' − W), as before W' replaced the host's product.
 """
 import argparse
 import os
@@ -87,7 +87,7 @@ def main():
         clip_l_size()
     H.start_webui(os.path.abspath(args.webui), os.path.abspath(args.data), "normal")
     from modules import script_callbacks
-    from e4t_a1111 import hooks, shared_pass
+    from e4t_a1111 import hooks
     script_callbacks.on_cfg_denoiser(stamp, name="e4t-bench-stamp")
     cases = [("no E4T", "a photo of *s", (False, None, 1.0, 0)),
              ("E4T, weights only", "a photo of a cat", H.concept_args()),
@@ -96,18 +96,18 @@ def main():
     for _ in range(args.repeats):
         for name, prompt, e4t_args in cases:
             rows.setdefault(name, []).append(job(prompt, e4t_args, args.steps, args.size))
-        shares, shared_pass.unsupported = shared_pass.unsupported, (lambda *a: "benchmark")
-        try:                                                              # the feature pass on its own
-            rows.setdefault("E4T, refined, feature pass separate", []).append(job(*cases[2][1:], args.steps, args.size))
-            plain, hooks._is_plain = hooks._is_plain, (lambda *a: False)  # every layer: host + layer(x; W' - W)
-            try:
-                for name, prompt, e4t_args in cases[1:] if args.before else ():
-                    rows.setdefault(f"{name}, W' - W added (before)", []).append(job(prompt, e4t_args, args.steps,
-                                                                                      args.size))
-            finally:
-                hooks._is_plain = plain
+        off = H.e4t_setting("e4t_share_negative_pass", True)               # Settings > E4T, off by default
+        try:
+            rows.setdefault("E4T, refined, negative's pass shared", []).append(job(*cases[2][1:], args.steps, args.size))
         finally:
-            shared_pass.unsupported = shares
+            H.e4t_setting("e4t_share_negative_pass", off)
+        plain, hooks._is_plain = hooks._is_plain, (lambda *a: False)      # every layer: host + layer(x; W' - W)
+        try:
+            for name, prompt, e4t_args in cases[1:] if args.before else ():
+                rows.setdefault(f"{name}, W' - W added (before)", []).append(job(prompt, e4t_args, args.steps,
+                                                                                  args.size))
+        finally:
+            hooks._is_plain = plain
     params = sum(p.numel() for p in H.ENV.unet.parameters())
     text = sum(p.numel() for p in H.ENV.sd_model.cond_stage_model.parameters())
     print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, text encoder {text / 1e6:.1f} M, {args.size} px, "

@@ -15,12 +15,12 @@ first calls the module's own forward on an empty batch, so whatever that forward
 the plain layer. Linear and Conv2d layers check on their first call that the module's own forward is the
 plain layer on its weights (it is not under Lora's "functional" option, which adds LoRA from the input,
 or another extension's patch); where it is not, the host's output is kept and layer(x; W' − W, s·D_bias)
-added to it (two products, as the ComfyUI pack's unmerged path). GroupNorm and LayerNorm always compute
+added to it (two products). GroupNorm and LayerNorm always compute
 with W' and b'.
 
 W' is computed once per module and weight version, not on every call: again only when W's (or its bias's)
-identity or in-place version changes. Kept on the device of the store only: in low-VRAM mode (store on the
-CPU) nothing is kept on the GPU.
+identity or in-place version changes; on a CPU all layers' W' share one buffer (`_Arena`). Kept on the device
+of the store only: in low-VRAM mode (store on the CPU) nothing is kept on the GPU.
 
 Torch and the engine only: no webui import, so it is testable on any CompVis-layout U-Net.
 """

@@ -224,7 +224,7 @@ class Session:
         n = prompts.images
         x, t = model_input(params.denoiser, params.x[-n:], params.sigma[-n:])
         t = t.to(devices.dtype_unet).float()                # the precision the U-Net call gets
-        uncond = self._uncond_pass(params) if self.refinement.due(t, n) else None
+        uncond = self._uncond_pass(params, t)
         with devices.autocast():
             host.unet_on_device(self.sd_model)
             words = self.refinement(self.unet, x, t, devices.dtype_unet,       # (n, d)
@@ -245,10 +245,12 @@ class Session:
             self._handed = uncond
             uncond.hand_over()
 
-    def _uncond_pass(self, params):
+    def _uncond_pass(self, params, t):
         """The unconditional rows run now, their block outputs kept for w (`shared_pass`), or None where that
-        does not apply (said once per sampler run)."""
+        does not apply (said once per sampler run) or w is not predicted at this step (below t_stop)."""
         reason = shared_pass.unsupported(params, len(self.pass_prompts.rows), self._core.empty_context)
+        if reason is None and not self._core.due(t, self.pass_prompts.images):
+            return None
         if reason is None:
             uncond = shared_pass.UncondPass(params, self.unet, len(self.pass_prompts.rows))
             if uncond.maps is not None:

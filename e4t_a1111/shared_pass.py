@@ -9,6 +9,10 @@ only: a one-shot pre-hook on the model wrapper takes the unconditional rows out 
 appends the kept output. The pre-hook checks that the call is the one expected (the same unconditional
 latent, sigma, context and image conditioning after the prompt rows) and otherwise leaves it whole.
 
+Off by default (Settings > E4T): in the webui on a 2-core CPU at 256 px, two U-Net passes of one image each
+cost more than one pass of two plus the separate half pass (BENCHMARKS.md), while at 512 px (ComfyUI) sharing
+was the faster; on GPUs it is not yet measured.
+
 Where `unsupported` names a reason the feature pass runs separately, as before: a negative prompt (or
 anything making its encoding differ from the empty context), a prompt longer than the negative prompt (the
 webui then calls the U-Net per part), "batch cond/uncond" off, NGMS or skip-early-CFG (the webui may drop
@@ -25,6 +29,8 @@ def unsupported(params, rows: int, empty_context: torch.Tensor) -> str | None:
     """Why this denoiser call's unconditional pass cannot give the feature pass's maps (None: it can)."""
     from modules import shared
     opts, den, sd_model = shared.opts, params.denoiser, shared.sd_model
+    if not host.opt("e4t_share_negative_pass", False):
+        return "off in Settings > E4T"
     if not opts.batch_cond_uncond:
         return "'Batch cond/uncond' is off"
     if opts.skip_early_cond:

@@ -262,6 +262,17 @@ def changed_tensors(reference):
     return [k for k in reference if not torch.equal(reference[k], now[k])]
 
 
+def e4t_setting(name, value):
+    """Set one of E4T's webui settings (registering the section as the settings page would); returns the old value."""
+    from modules import shared
+    from e4t_a1111 import host, ui
+    if name not in shared.opts.data_labels:
+        ui.settings()
+    old = host.opt(name, None)
+    setattr(shared.opts, name, value)
+    return old
+
+
 def hook_count():
     """Hooks and instance-level forwards (E4T's weights are the latter) on the model's modules."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in vars(m))
@@ -546,8 +557,8 @@ def test_norm_plot_only_when_ticked():
         def reset(self):
             self.inner.reset()
 
-        def __call__(self, unet, x, t, dtype=None):
-            w = self.inner(unet, x, t, dtype)
+        def __call__(self, unet, x, t, dtype=None, maps=None):
+            w = self.inner(unet, x, t, dtype, maps=maps)
             returned.append((float(t.flatten()[0]), w.detach().float().clone()))
             return w
 
@@ -644,7 +655,7 @@ def _held_job(prompt, what, slot_path=True, on_process=None, **kw):
         def reset(self):
             pass
 
-        def __call__(self, unet, x, t, dtype=None):
+        def __call__(self, unet, x, t, dtype=None, maps=None):
             return self.w.expand(x.shape[0], -1).clone()
 
     def hold(p):
@@ -826,6 +837,7 @@ def test_negative_pass_is_shared_with_the_feature_pass():
 
     e4t.refinement.unet_features = counted
     found = {}
+    default_setting = e4t_setting("e4t_share_negative_pass", True)      # off by default
     try:
         for sampler, batch in (("Euler", 1), ("DDIM", 2)):
             shared = run(sampler, batch=batch)
@@ -847,8 +859,14 @@ def test_negative_pass_is_shared_with_the_feature_pass():
         negative = run(negative="blurry")
         check(negative["features"] == 3 and negative["batches"] == [1, 2] * 3,
               f"with a negative prompt: {negative['features']} feature passes, batches {negative['batches']}")
+        e4t_setting("e4t_share_negative_pass", default_setting)
+        default = run()
+        check(default["features"] == 3 and default["batches"] == [1, 2] * 3,
+              f"with the setting off: {default['features']} feature passes, batches {default['batches']}")
     finally:
         e4t.refinement.unet_features = original
+        e4t_setting("e4t_share_negative_pass", default_setting)
+    check(default_setting is False, f"sharing is {default_setting!r} by default")
     return found
 
 
