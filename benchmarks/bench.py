@@ -515,7 +515,7 @@ def op_counts(s, device, args):
             plain_layer, hooks._is_plain = hooks._is_plain, (hooks._is_plain if merges else lambda *a: False)
             h = hooks.WeightHooks(s.unet, offsets, delta, 1.0).apply()
             try:
-                plain()                                               # checks each layer, keeps W' (or W' - W)
+                plain(), plain()                 # the first call checks each layer, the second keeps W' (or W' - W)
                 counted[name] = ops(plain)
             finally:
                 h.remove()
