@@ -248,6 +248,8 @@ class Session:
     def _uncond_pass(self, params, t):
         """The unconditional rows run now, their block outputs kept for w (`shared_pass`), or None where that
         does not apply (said once per sampler run) or w is not predicted at this step (below t_stop)."""
+        if not shared_pass.enabled():
+            return None
         reason = shared_pass.unsupported(params, len(self.pass_prompts.rows), self._core.empty_context)
         if reason is None and not self._core.due(t, self.pass_prompts.images):
             return None

@@ -24,13 +24,15 @@ import torch
 from . import host
 
 
+def enabled() -> bool:
+    """The user's choice (Settings > E4T)."""
+    return bool(host.opt("e4t_share_negative_pass", False))
+
 
 def unsupported(params, rows: int, empty_context: torch.Tensor) -> str | None:
     """Why this denoiser call's unconditional pass cannot give the feature pass's maps (None: it can)."""
     from modules import shared
     opts, den, sd_model = shared.opts, params.denoiser, shared.sd_model
-    if not host.opt("e4t_share_negative_pass", False):
-        return "off in Settings > E4T"
     if not opts.batch_cond_uncond:
         return "'Batch cond/uncond' is off"
     if opts.skip_early_cond:
