@@ -1,5 +1,6 @@
 """E4T for Automatic1111 1.10: the E4T tab (tune a concept from one image) and the always-on E4T
-script of txt2img/img2img (per-step refinement of the placeholder, offsets as forward hooks).
+script of txt2img/img2img (per-step refinement of the placeholder, the concept's weights on the U-Net's
+layers for the job).
 
 Thin entry: the engine is the host-free package `e4t`, the webui glue `e4t_a1111`, both at the
 extension root (the webui puts that root on sys.path only while it loads this file).
