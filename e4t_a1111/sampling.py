@@ -251,9 +251,9 @@ class Session:
         if not shared_pass.enabled():
             return None
         reason = shared_pass.unsupported(params, len(self.pass_prompts.rows), self._core.empty_context)
-        if reason is None and not self._core.due(t, self.pass_prompts.images):
-            return None
         if reason is None:
+            if not self._core.due(t, self.pass_prompts.images):
+                return None
             uncond = shared_pass.UncondPass(params, self.unet, len(self.pass_prompts.rows))
             if uncond.maps is not None:
                 return uncond

@@ -66,8 +66,8 @@ def _ours(hook) -> bool:
 
 
 class UncondPass:
-    """One denoiser call's unconditional rows, run ahead of the webui's U-Net call (`run_ahead`), then taken
-    out of that call (`hand_over`)."""
+    """One denoiser call's unconditional rows, run when made (ahead of the webui's U-Net call), then taken out
+    of that call (`hand_over`)."""
 
     def __init__(self, params, unet, rows: int):
         n = params.text_uncond.shape[0]
