@@ -9,9 +9,10 @@ fresh --data folder builds them), headless on the CPU:
 A step's time is the median interval between consecutive denoiser callbacks of one job (CPU time of the
 process, and wall time), so loading, VAE and the first step are left out. Jobs: no E4T; E4T with a prompt
 without the placeholder (weights only: each changed layer run once with W'); E4T with the placeholder (weights,
-per-step w from the separate feature pass, re-encoding through the slot encoder); the same with w from the
-negative prompt's own U-Net pass (the setting "e4t_share_negative_pass"); and both E4T jobs with every layer
-keeping the host's output and adding layer(x; W' − W), as before W' replaced the host's product.
+per-step w from the feature pass, whose maps stand in for the negative's down/mid blocks in the webui's call,
+re-encoding through the slot encoder); the same with the negative's pass run whole (the setting
+"e4t_share_negative_pass" off); and both E4T jobs with every layer keeping the host's output and adding
+layer(x; W' − W), as before W' replaced the host's product.
 """
 import argparse
 import os
@@ -91,16 +92,17 @@ def main():
     script_callbacks.on_cfg_denoiser(stamp, name="e4t-bench-stamp")
     cases = [("no E4T", "a photo of *s", (False, None, 1.0, 0)),
              ("E4T, weights only", "a photo of a cat", H.concept_args()),
-             ("E4T, refined", "a photo of *s", H.concept_args())]
+             ("E4T, refined (negative's down path from the feature pass)", "a photo of *s", H.concept_args())]
     rows = {}
     for _ in range(args.repeats):
         for name, prompt, e4t_args in cases:
             rows.setdefault(name, []).append(job(prompt, e4t_args, args.steps, args.size))
-        off = H.e4t_setting("e4t_share_negative_pass", True)               # Settings > E4T, off by default
+        on = H.e4t_setting("e4t_share_negative_pass", False)               # Settings > E4T, on by default
         try:
-            rows.setdefault("E4T, refined, negative's pass shared", []).append(job(*cases[2][1:], args.steps, args.size))
+            rows.setdefault("E4T, refined, negative's pass whole (setting off)", []).append(
+                job(*cases[2][1:], args.steps, args.size))
         finally:
-            H.e4t_setting("e4t_share_negative_pass", off)
+            H.e4t_setting("e4t_share_negative_pass", on)
         plain, hooks._is_plain = hooks._is_plain, (lambda *a: False)      # every layer: host + layer(x; W' - W)
         try:
             for name, prompt, e4t_args in cases[1:] if args.before else ():

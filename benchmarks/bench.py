@@ -358,24 +358,10 @@ def sampling_at(s, device, dtype, args, n):
     return rows
 
 
-def pack_refine():
-    """The pack's `nodes/refine.py` (its FeatureCapture), imported without the rest of the node pack."""
-    import importlib
-    import types
-    root = os.path.dirname(HERE)
-    for name, path in (("e4t_pack", root), ("e4t_pack.nodes", os.path.join(root, "nodes"))):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [path]
-            sys.modules[name] = package
-    return importlib.import_module("e4t_pack.nodes.refine")
-
-
 def shared_feature_pass(s, device, dtype, args):
-    """One sampling evaluation, CFG with an empty negative prompt, as the ComfyUI nodes run it: one batched
-    U-Net pass plus the separate feature pass, or the negative's pass giving the encoder's maps (captured by
-    the host's block patches) and then the positive's. Checks that both give the same w and predictions."""
-    refine = pack_refine()
+    """One sampling evaluation, CFG with an empty negative prompt, as both hosts run it: the feature pass, then
+    one batched U-Net pass, whole or with the feature pass's maps standing in for the negative rows' down/mid
+    blocks (`e4t.KnownRows`). Checks that both give the same w and predictions."""
     rows = []
     for n in args.sample_batch:
         x = torch.randn(n, 4, s.res // 8, s.res // 8, device=device)
@@ -403,12 +389,16 @@ def shared_feature_pass(s, device, dtype, args):
         @torch.no_grad()
         def shared():
             refinement.reset()
-            capture = refine.FeatureCapture(s.unet)
             with autocast:
-                uncond = s.unet(x, timesteps=t, context=empty, transformer_options=capture.options({}))
-                w = refinement(s.unet, x, t, maps=capture.result())
-                cond = s.unet(x, timesteps=t, context=s.slot_encoder(w).to(empty))
-            return w, (uncond, cond)
+                maps = e4t.unet_features(s.unet, x, t, s.empty)
+                w = refinement(s.unet, x, t, maps=maps)
+                cond = s.slot_encoder(w).to(empty)
+                known = e4t.KnownRows.down_path(s.unet, maps, 2 * n, slice(0, n)).install()
+                try:
+                    out = s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
+                finally:
+                    known.remove()
+            return w, out.chunk(2)
 
         with e4t.applied(s.unet, deltas):
             (w_sep, (u_sep, c_sep)), (w_sh, (u_sh, c_sh)) = separate(), shared()

@@ -10,7 +10,7 @@ Public API (hosts use only these names):
     Encoder, EncoderConfig, ImageFeatures, FoldedEncoder,
     unet_feature_channels                                        -- the encoder (full; folded for sampling)
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
-    predict_embedding, Refinement, unet_features                  -- per-step refinement
+    predict_embedding, Refinement, unet_features, KnownRows       -- per-step refinement (its pass shared with the negative's)
     encode_with_word, WordInjector, domain_embedding, MARKERS     -- placeholder injection in CLIP text
     clip_layers                                                   -- CLIP skip -> layers to run, for both hosts
     tune, TuneConfig, TuneResult, PRESETS, preset, Interrupted, Diverged,
@@ -41,6 +41,7 @@ from .optim import CompactAdamW
 from .plots import line_plot, scatter_plot
 from .pretrain import PretrainConfig, image_files, load_image, pretrain
 from .refinement import Refinement, predict_embedding, unet_features
+from .known_rows import KnownRows
 from .sampling import ddim
 from .seeding import seeded
 from . import validate
@@ -54,7 +55,7 @@ __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileErro
            "source_sha256", "check_base", "Compression", "read_header",
            "read_published_config", "read_tensors", "PickleRefused", "walk", "pixels_sha256", "pil_pixels", "pil_to_tensor", "save_png", "to_uint8", "backbone_state", "tensors_sha256", "Encoder",
            "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
-           "applied", "predict_embedding", "Refinement", "unet_features", "WordInjector", "encode_with_word", "SlotEncoder",
+           "applied", "predict_embedding", "Refinement", "unet_features", "KnownRows", "WordInjector", "encode_with_word", "SlotEncoder",
            "input_embeddings", "fast_dtype",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_mode", "memory_settings", "tune_peak", "available_memory", "MEMORY_MODES", "base_fingerprint", "CompactAdamW",
            "pretrain", "PretrainConfig", "image_files", "load_image", "ddim", "detect_mask", "MaskUnavailable",

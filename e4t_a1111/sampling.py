@@ -4,7 +4,8 @@ placeholder's embedding predicted again at every denoiser call.
 Per call (`on_cfg_denoiser`): the images' current latents are turned into the U-Net's actual input
 and timestep (k-diffusion: x·c_in and sigma_to_t(σ); timestep samplers such as DDIM: x_t and t as
 they are), the U-Net down path gives the maps from which the folded encoder predicts w for each
-image (with an empty negative prompt, the negative's own U-Net pass run first: `shared_pass`), and
+image (with an empty negative prompt, its maps also stand in for the negative's down/mid blocks in the
+webui's U-Net call: `shared_pass`), and
 every positive sub-prompt that contains the placeholder is encoded again with w in the
 placeholder's slot: from the webui's own chunks through `e4t.SlotEncoder` (`SlotSchedule`: only the
 positions from the slot on, all images in one call), or through the webui's whole prompt path where
@@ -163,7 +164,7 @@ class Session:
         self._check_fit()
         self.device = devices.device
         self.hooks, self.placeholder, self.pass_prompts, self.calls = None, None, None, 0
-        self._handed, self._unshared = None, None            # the `UncondPass` handed to the webui's next call
+        self._handed, self._unshared = None, None            # the `SharedRows` handed to the webui's next call
         self._cache, self._slots = {}, {}
         self.runs = []                         # a NormRun per sampler run (n_iter batches, hires passes)
         try:
@@ -210,7 +211,7 @@ class Session:
     @torch.no_grad()
     def on_cfg_denoiser(self, params):
         from modules import devices
-        if self._handed is not None:                        # a pass the webui never called for (interrupted)
+        if self._handed is not None:                        # rows the webui never called for (interrupted)
             self._handed.remove()
             self._handed = None
         prompts = self.pass_prompts
@@ -224,11 +225,11 @@ class Session:
         n = prompts.images
         x, t = model_input(params.denoiser, params.x[-n:], params.sigma[-n:])
         t = t.to(devices.dtype_unet).float()                # the precision the U-Net call gets
-        uncond = self._uncond_pass(params, t)
+        shares = self._shares(params, t)
         with devices.autocast():
             host.unet_on_device(self.sd_model)
-            words = self.refinement(self.unet, x, t, devices.dtype_unet,       # (n, d)
-                                    maps=None if uncond is None else uncond.maps)
+            maps = e4t.unet_features(self.unet, x, t, self._core.empty_context, devices.dtype_unet) if shares else None
+            words = self.refinement(self.unet, x, t, devices.dtype_unet, maps=maps)       # (n, d)
         self.calls += 1
         self.runs[-1].add(t, words, self.e_domain)        # also when frozen below t_stop: one point per call
         if words is not self._cache.get("words"):
@@ -241,27 +242,24 @@ class Session:
                 enc = encoded[index][prompts.users[index].index(image)]
                 new[row] = _fit_tokens(enc, cond.shape[1]).to(cond)
         params.text_cond = new
-        if uncond is not None:
-            self._handed = uncond
-            uncond.hand_over()
+        if maps is not None:
+            self._handed = shared_pass.SharedRows(params, self.unet, len(prompts.rows), maps)
+            self._handed.hand_over()
 
-    def _uncond_pass(self, params, t):
-        """The unconditional rows run now, their block outputs kept for w (`shared_pass`), or None where that
-        does not apply (said once per sampler run) or w is not predicted at this step (below t_stop)."""
+    def _shares(self, params, t) -> bool:
+        """Whether the feature pass's maps stand in for the unconditional rows' down/mid blocks in the webui's
+        call that follows (`shared_pass`); where that does not apply it says why, once per sampler run. False
+        too where w is not predicted at this step (below t_stop)."""
         if not shared_pass.enabled():
-            return None
+            return False
         reason = shared_pass.unsupported(params, len(self.pass_prompts.rows), self._core.empty_context)
         if reason is None:
-            if not self._core.due(t, self.pass_prompts.images):
-                return None
-            uncond = shared_pass.UncondPass(params, self.unet, len(self.pass_prompts.rows))
-            if uncond.maps is not None:
-                return uncond
-            reason = "a U-Net block was not called"
+            return self._core.due(t, self.pass_prompts.images)
         if self._unshared is None:
             self._unshared = reason
-            log.info("E4T: the refinement's feature pass runs beside the negative prompt's pass (%s)", reason)
-        return None
+            log.info("E4T: the negative prompt's U-Net pass runs whole beside the refinement's feature pass (%s)",
+                     reason)
+        return False
 
     def _encoded(self, index, entry, words):
         """(images using flat prompt `index`, tokens, d): schedule entry `entry` of that prompt with each image's

@@ -1,25 +1,23 @@
 """The negative prompt's U-Net pass shared with the refinement's feature pass.
 
 With CFG and an empty negative prompt, the webui's unconditional rows run the U-Net on the latent, at the
-timestep and with the empty context that the feature pass uses to predict w: their down/mid block outputs
-are the encoder's input. So, from the denoiser callback (before the webui's U-Net call), `UncondPass` runs
-the unconditional rows first, alone, through the webui's own model wrapper (`denoiser.inner_model`), keeping
-those block outputs; w comes from them; and the webui's batched call that follows computes the prompt rows
-only: a one-shot pre-hook on the model wrapper takes the unconditional rows out of its batch, a forward hook
-appends the kept output. The pre-hook checks that the call is the one expected (the same unconditional
-latent, sigma, context and image conditioning after the prompt rows) and otherwise leaves it whole.
+timestep and with the empty context that the feature pass uses to predict w: their down/mid block outputs are
+the maps the feature pass has just computed. So, from the denoiser callback (before the webui's U-Net call),
+`SharedRows` hands those maps to the webui's batched call that follows: a one-shot pre-hook on the model wrapper
+(`denoiser.inner_model`) checks that the call is the one expected (the same unconditional latent, sigma, context
+and image conditioning after the prompt rows), and only then every input block and the middle block compute the
+prompt rows and splices the kept maps in (`e4t.KnownRows`); the output blocks run on the whole batch. The same
+operations as the separate feature pass, the FLOPs of plain sampling.
 
-Off by default (Settings > E4T): in the webui on a 2-core CPU at 256 px, two U-Net passes of one image each
-cost more than one pass of two plus the separate half pass (BENCHMARKS.md), while at 512 px (ComfyUI) sharing
-was the faster; on GPUs it is not yet measured.
-
-Where `unsupported` names a reason the feature pass runs separately, as before: a negative prompt (or
-anything making its encoding differ from the empty context), a prompt longer than the negative prompt (the
-webui then calls the U-Net per part), "batch cond/uncond" off, NGMS or skip-early-CFG (the webui may drop
-the unconditional rows), a model that is not text-conditioned only, hooks or forwards of other extensions
-on the U-Net or its wrappers (ControlNet and the like see the batch they expect).
+Where `unsupported` names a reason the negative's pass runs whole, as before: a negative prompt (or anything
+making its encoding differ from the empty context), a prompt longer than the negative prompt (the webui then
+calls the U-Net per part), "batch cond/uncond" off, NGMS or skip-early-CFG (the webui may drop the
+unconditional rows), a model that is not text-conditioned only, hooks or forwards of other extensions on the
+U-Net or its wrappers (ControlNet and the like see the batch they expect).
 """
 import torch
+
+import e4t
 
 from . import host
 
@@ -65,53 +63,44 @@ def _ours(hook) -> bool:
         type(getattr(hook, "__self__", None)).__name__ == "_Guard"
 
 
-class UncondPass:
-    """One denoiser call's unconditional rows, run when made (ahead of the webui's U-Net call), then taken out
-    of that call (`hand_over`)."""
+class SharedRows:
+    """One denoiser call's unconditional rows, whose down/mid block outputs the feature pass has just computed
+    (`maps`), handed to the webui's next U-Net call (`hand_over`): there every down/mid block computes the prompt
+    rows only (`e4t.KnownRows`)."""
 
-    def __init__(self, params, unet, rows: int):
+    def __init__(self, params, unet, rows: int, maps: list):
         n = params.text_uncond.shape[0]
-        self.inner, self.rows, self.handles, self.narrowed = params.denoiser.inner_model, rows, [], False
+        self.inner, self.rows, self.handles, self.known = params.denoiser.inner_model, rows, [], None
         self.x, self.sigma = params.x[-n:], params.sigma[-n:]
         self.uncond, self.image_cond = params.text_uncond, params.image_cond[-n:]
-        maps, blocks = [], list(unet.input_blocks) + [unet.middle_block]
-        kept = [block.register_forward_hook(lambda module, args, out: maps.append(out)) for block in blocks]
-        try:
-            self.out = self.inner(self.x, self.sigma, cond=self._cond(self.uncond, self.image_cond))
-        finally:
-            for handle in kept:
-                handle.remove()
-        self.maps = maps if len(maps) == len(blocks) else None      # None: run the feature pass
-
-    @staticmethod
-    def _cond(crossattn, concat):
-        return {"c_crossattn": [crossattn], "c_concat": [concat]}      # the webui's make_condition_dict
+        self.unet, self.maps = unet, maps
 
     def hand_over(self):
-        """From now until the model wrapper's next call: that call computes the prompt rows only."""
-        self.handles = [self.inner.register_forward_pre_hook(self._narrow, with_kwargs=True),
-                        self.inner.register_forward_hook(self._append)]
+        """From now until the model wrapper's next call returns."""
+        self.handles = [self.inner.register_forward_pre_hook(self._arm, with_kwargs=True),
+                        self.inner.register_forward_hook(self._disarm)]
 
-    def _narrow(self, module, args, kwargs):
+    def _arm(self, module, args, kwargs):
         n, cond = self.x.shape[0], kwargs.get("cond")
         expected = (len(args) == 2 and isinstance(cond, dict) and set(cond) == {"c_crossattn", "c_concat"}
                     and args[0].shape[0] == self.rows + n and torch.equal(args[0][-n:], self.x)
                     and torch.equal(args[1][-n:], self.sigma)
                     and torch.equal(cond["c_crossattn"][0][-n:], self.uncond)
                     and torch.equal(cond["c_concat"][0][-n:], self.image_cond))
-        if not expected:                           # not the call this pass was made for: the webui computes all
-            return None
-        self.narrowed = True
-        rows = self._cond(cond["c_crossattn"][0][:-n], cond["c_concat"][0][:-n])
-        return (args[0][:-n], args[1][:-n]), {**kwargs, "cond": rows}
+        if expected:                               # otherwise not the call this was made for: the webui computes all
+            self.known = e4t.KnownRows.down_path(self.unet, self.maps, self.rows + n, slice(self.rows, self.rows + n))
+            self.known.install()
 
-    def _append(self, module, args, out):
+    def _disarm(self, module, args, out):
         self.remove()
-        if self.narrowed:
-            return torch.cat([out, self.out.to(out)])
-        return None
+
+    @property
+    def spliced(self) -> int:
+        return 0 if self.known is None else self.known.spliced
 
     def remove(self):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self.known is not None:
+            self.known.remove()

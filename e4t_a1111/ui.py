@@ -289,6 +289,6 @@ def settings():
     shared.opts.add_option("e4t_keep_weights_loaded", shared.OptionInfo(
         True, "Keep the last E4T weights file in RAM between tunes", section=section))
     shared.opts.add_option("e4t_share_negative_pass", shared.OptionInfo(
-        False, "Refinement: with an empty negative prompt, take the encoder's input from the negative prompt's own "
-               "U-Net pass (fewer operations; faster where the U-Net is compute-bound, e.g. 512 px on a CPU; slower "
-               "where a U-Net pass has a large fixed cost, e.g. 256 px on a CPU)", section=section))
+        True, "Refinement: with an empty negative prompt, the negative prompt's U-Net pass reuses the encoder's "
+              "feature pass for its down and middle blocks (the same image to rounding, fewer operations)",
+        section=section))

@@ -6,10 +6,10 @@ made by "E4T Text Encode" with the CLIP wired into that node (its CLIP skip and 
 other conditioning (negative prompt included) untouched.
 
 With CFG and an empty negative prompt encoded by Apply E4T's CLIP, the negative's own U-Net pass sees the
-latent, timestep and context of that down path: it runs first, alone, its down/mid outputs (kept by the
-host's block patches) are the encoder's input, then the positive runs with the new w. Anything that could
-make that pass differ from the feature pass (another context, ControlNet, U-Net patches or wrappers) keeps
-the separate feature pass and one batched pass.
+latent, timestep and context of that down path: the feature pass's maps stand in for the negative rows' down
+and middle blocks in the host's batched call (`e4t.KnownRows`, armed by an apply-model wrapper for that call
+only), which computes those blocks for the other rows and its up path for all. Anything that could make that
+pass differ from the feature pass (another context, ControlNet, U-Net patches or wrappers) leaves the call whole.
 """
 import logging
 
@@ -19,13 +19,14 @@ import comfy.conds
 import comfy.model_management
 import comfy.model_patcher
 
-from ..e4t import Refinement, base_fingerprint as fingerprint, check_base
+from ..e4t import KnownRows, Refinement, base_fingerprint as fingerprint, check_base, unet_features
 from .inputs import check_model
 from .model import E4T
 from .patches import PREFIX, add_e4t_patches, unpatched
 from .prompt import LEGACY
 
 try:
+    import comfy.patcher_extension
     from comfy.patcher_extension import WrappersMP
 except ImportError:  # ComfyUI before keyed wrappers (e.g. the March 2024 copy)
     WrappersMP = None
@@ -79,14 +80,24 @@ class RefineState:
             torch.equal(context.to(empty.dtype), empty.expand(context.shape[0], -1, -1))
 
     def words(self, base_model, x, sigma, folded=None, maps=None) -> torch.Tensor:
-        """w (b, d) for the latents x at noise level sigma; maps: the down/mid outputs for them (from the
-        host's unconditional pass), else the feature pass runs."""
+        """w (b, d) for the latents x at noise level sigma; maps: the down/mid outputs for them
+        (`feature_maps`), else the feature pass runs inside the refinement."""
         refinement = self._refinement(x, folded)
-        sampling = base_model.model_sampling
-        xs = sampling.calculate_input(sigma, x)
-        t = sampling.timestep(sigma).float()
-        dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+        xs, t, dtype = _unet_input(base_model, x, sigma)
         return refinement(base_model.diffusion_model, xs, t, dtype, maps=maps)
+
+    def feature_maps(self, base_model, x, sigma, folded=None) -> list:
+        """The feature pass: the U-Net's down/mid outputs for x at sigma with the empty context, which are also
+        those of an empty negative prompt's rows."""
+        xs, t, dtype = _unet_input(base_model, x, sigma)
+        return unet_features(base_model.diffusion_model, xs, t, self._refinement(x, folded).empty_context, dtype)
+
+
+def _unet_input(base_model, x, sigma):
+    """(scaled latent, timestep, dtype) the host's U-Net gets for x at sigma."""
+    sampling = base_model.model_sampling
+    dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+    return sampling.calculate_input(sigma, x), sampling.timestep(sigma).float(), dtype
 
 
 def refine_state(model):
@@ -94,36 +105,6 @@ def refine_state(model):
     if hasattr(model, "get_attachment") and model.get_attachment(KEY) is not None:
         return model.get_attachment(KEY)
     return getattr(model, "e4t_state", None)
-
-
-class FeatureCapture:
-    """The U-Net's down/mid outputs in one host run, kept through the host's own block patches: each input
-    block's output (`input_block_patch`) and the middle block's, which the first output block receives
-    (`output_block_patch`). Where nothing else changes those blocks (see `plain_run`) they equal
-    `e4t.unet_features` of the same latent, timestep and context: the encoder's feature pass."""
-
-    def __init__(self, unet):
-        self.n, self.maps = len(unet.input_blocks) + 1, []
-
-    def _input(self, h, transformer_options):
-        self.maps.append(h)
-        return h
-
-    def _middle(self, h, hsp, transformer_options):
-        if transformer_options.get("block") == ("output", 0):
-            self.maps.append(h)
-        return h, hsp
-
-    def options(self, transformer_options: dict) -> dict:
-        """A copy of the run's transformer_options with the capturing patches added."""
-        patches = dict(transformer_options.get("patches", {}))
-        patches["input_block_patch"] = list(patches.get("input_block_patch", [])) + [self._input]
-        patches["output_block_patch"] = list(patches.get("output_block_patch", [])) + [self._middle]
-        return {**transformer_options, "patches": patches}
-
-    def result(self):
-        """The maps, or None if the run did not pass every block (then the feature pass runs)."""
-        return self.maps if len(self.maps) == self.n else None
 
 
 def plain_run(transformer_options: dict, model_options: dict) -> bool:
@@ -182,8 +163,8 @@ def _refined(conds, words):
 def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     """Keyed CALC_COND_BATCH wrapper: new contexts for conditionings that carry an E4T prompt.
 
-    With an empty negative prompt (CFG) its pass runs first, on its own, and its down/mid outputs are the
-    encoder's input (no separate feature pass); then the other conditionings run with the new w."""
+    With an empty negative prompt (CFG) the feature pass's maps stand in for that prompt's down/mid blocks in
+    the host's U-Net call (`_known_uncond`, an apply-model wrapper for this evaluation only)."""
     patcher = model.current_patcher
     state = patcher.get_attachment(KEY) if patcher is not None else None
     if state is None or not any(c is not None and any(KEY in d for d in c) for c in conds):
@@ -193,22 +174,47 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     if u is None or not state.due(model, x_in, timestep, head_patcher.model):
         words = state.words(model, x_in, timestep, head_patcher.model)
         return executor(model, _refined(conds, words), x_in, timestep, model_options)
-    capture = FeatureCapture(model.diffusion_model)
-    options = {**model_options, "transformer_options": capture.options(model_options.get("transformer_options", {}))}
-    uncond = executor(model, [g if i == u else None for i, g in enumerate(conds)], x_in, timestep, options)[u]
-    words = state.words(model, x_in, timestep, head_patcher.model, maps=capture.result())
-    out = executor(model, _refined([None if i == u else g for i, g in enumerate(conds)], words), x_in, timestep,
-                   model_options)
-    out[u] = uncond
-    return out
+    maps = state.feature_maps(model, x_in, timestep, head_patcher.model)
+    words = state.words(model, x_in, timestep, head_patcher.model, maps=maps)
+    options = comfy.patcher_extension.copy_nested_dicts(model_options)
+    comfy.patcher_extension.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _known_uncond(state, maps, u, x_in, timestep),
+                                                 options, is_model_options=True)
+    return executor(model, _refined(conds, words), x_in, timestep, options)
+
+
+def _known_uncond(state, maps, u, x_in, timestep):
+    """APPLY_MODEL wrapper: in a U-Net call that batches conditioning group `u` (the empty negative prompt) with
+    others, that group's rows are known at the down/mid blocks (`e4t.KnownRows`) once checked to be the feature
+    pass's input: the same latent, noise level and empty context."""
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        rows = _chunk_rows(transformer_options.get("cond_or_uncond", []), u, x.shape[0])
+        known = None
+        if rows is not None and c_concat is None and control is None and c_crossattn is not None \
+                and torch.equal(x[rows], x_in) and torch.equal(t[rows], timestep) \
+                and state.is_empty_context(c_crossattn[rows]):
+            known = KnownRows.down_path(executor.class_obj.diffusion_model, maps, x.shape[0], rows).install()
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            if known is not None:
+                known.remove()
+    return wrapper
+
+
+def _chunk_rows(parts: list, u: int, batch: int):
+    """The rows of chunk `u` in a call batching the chunks `parts` (None: it is not there once beside others)."""
+    if parts.count(u) != 1 or len(parts) < 2:
+        return None
+    b = batch // len(parts)
+    return slice(parts.index(u) * b, (parts.index(u) + 1) * b)
 
 
 def _legacy_wrapper(state, inner):
     """`model_function_wrapper` for hosts without keyed wrappers; chains the wrapper already set.
     A closure, not an object: that host deep-copies model_options on every clone.
 
-    With an empty negative prompt in the batch, its rows run first, on their own, and give the encoder's
-    input (as `_calc_cond_batch`); then the other rows with the new w."""
+    With an empty negative prompt in the batch, the feature pass's maps stand in for its rows' down/mid blocks
+    (as `_calc_cond_batch`)."""
     def run(apply_model, args):
         if inner is not None:
             return inner(apply_model, args)
@@ -225,27 +231,19 @@ def _legacy_wrapper(state, inner):
         u = _legacy_shared_uncond(state, inner, c, parts, x, b, found)
         maps = None
         if u is not None and state.due(base, rows(x, u), rows(sigma, u)):
-            capture = FeatureCapture(base.diffusion_model)
-            options = capture.options(c["transformer_options"])
-            uncond = apply_model(rows(x, u), rows(sigma, u), c_crossattn=rows(ctx, u),
-                                 transformer_options={**options, "cond_or_uncond": [parts[u]]})
-            maps = capture.result()
-        else:
-            u = None
+            maps = state.feature_maps(base, rows(x, u), rows(sigma, u))
         chunks, found = list(ctx.split(b)), dict(found)
         for j, prompt in found.items():
             words = state.words(base, rows(x, j), rows(sigma, j), maps=maps)
             new = prompt.context(words, ctx.device).to(ctx.dtype)
             chunks[j] = new.repeat(1, ctx.shape[1] // new.shape[1], 1)
-        if u is None:
+        known = None if maps is None else \
+            KnownRows.down_path(base.diffusion_model, maps, x.shape[0], slice(u * b, (u + 1) * b)).install()
+        try:
             return run(apply_model, {**args, "c": {**c, "c_crossattn": torch.cat(chunks)}})
-        rest = [j for j in range(len(parts)) if j != u]
-        out = apply_model(torch.cat([rows(x, j) for j in rest]), torch.cat([rows(sigma, j) for j in rest]),
-                          c_crossattn=torch.cat([chunks[j] for j in rest]),
-                          transformer_options={**c["transformer_options"], "cond_or_uncond": [parts[j] for j in rest]})
-        out = list(out.split(b))
-        out.insert(u, uncond)
-        return torch.cat(out)
+        finally:
+            if known is not None:
+                known.remove()
     return wrapper
 
 

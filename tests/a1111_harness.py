@@ -809,64 +809,55 @@ def test_weight_cache_gives_bit_identical_images():
 
 @case()
 def test_negative_pass_is_shared_with_the_feature_pass():
-    """With an empty negative prompt the negative's own U-Net pass gives the feature pass's maps: no feature pass
-    runs, the webui's U-Net call computes the prompt rows only, and w and the images equal those of the separate
-    feature pass to rounding (Euler and DDIM, 1 and 2 images); a negative prompt runs the feature pass."""
+    """With an empty negative prompt the feature pass's maps stand in for the negative's down/mid blocks: in the
+    webui's U-Net call the down path computes the prompt rows only, the up path all rows, and w and the images
+    equal those of the whole call to rounding (Euler and DDIM, 1 and 2 images); a negative prompt, or the setting
+    off, leaves the call whole."""
     import numpy as np
-    import e4t.refinement
     from e4t_a1111 import shared_pass
-    features, original = [], e4t.refinement.unet_features
-
-    def counted(*args, **kwargs):
-        features.append(1)
-        return original(*args, **kwargs)
 
     def run(sampler="Euler", negative="", batch=1):
-        features.clear()
+        seen = {"down": [], "up": []}
+        probes = [ENV.unet.input_blocks[0][0].register_forward_hook(lambda m, a, o: seen["down"].append(a[0].shape[0])),
+                  ENV.unet.output_blocks[0][0].register_forward_hook(lambda m, a, o: seen["up"].append(a[0].shape[0]))]
         ENV.probe.reset()
-        seen, handles = ENV.probe.unet_inputs()
         try:
             _, res = generate("a photo of *s", concept_args(), sampler=sampler, steps=3, negative=negative, batch=batch)
         finally:
-            ENV.probe.active = False
-            for handle in handles:
-                handle.remove()
-        return dict(features=len(features), batches=[x.shape[0] for x in seen["x"]],
-                    vecs=[r["vec"] for r in ENV.probe.cond_rows],
+            for probe in probes:
+                probe.remove()
+        return dict(seen, vecs=[r["vec"] for r in ENV.probe.cond_rows],
                     images=[np.asarray(image).astype(int) for image in res.images[:batch]])
 
-    e4t.refinement.unet_features = counted
-    found = {}
-    default_setting = e4t_setting("e4t_share_negative_pass", True)      # off by default
+    found, hooks_before = {}, hook_count()
+    default_setting = e4t_setting("e4t_share_negative_pass", True)
     try:
         for sampler, batch in (("Euler", 1), ("DDIM", 2)):
             shared = run(sampler, batch=batch)
             reason, shared_pass.unsupported = shared_pass.unsupported, (lambda *args: "the test's reference")
             try:
-                separate = run(sampler, batch=batch)
+                whole = run(sampler, batch=batch)
             finally:
                 shared_pass.unsupported = reason
-            check(shared["features"] == 0, f"{sampler}: {shared['features']} feature passes beside the shared one")
-            check(separate["features"] == 3, f"{sampler}: the reference ran {separate['features']} feature passes")
-            check(shared["batches"] == [batch] * 6, f"{sampler}: U-Net batches {shared['batches']} (want the "
-                                                    f"negative's rows, then the prompt's, each step)")
-            check(separate["batches"] == [batch, 2 * batch] * 3, f"{sampler}: reference batches {separate['batches']}")
-            w_err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(shared["vecs"], separate["vecs"]))
-            check(w_err < 1e-5, f"{sampler}: w differs from the separate feature pass's by {w_err:.2e} (relative)")
-            image_err = max(np.abs(a - b).max() for a, b in zip(shared["images"], separate["images"]))
+            # per step: the feature pass (the images' rows), then the webui's call
+            check(shared["down"] == [batch, batch] * 3 and shared["up"] == [2 * batch] * 3,
+                  f"{sampler}: down-path batches {shared['down']}, up-path {shared['up']} (want the prompt rows "
+                  f"only in the webui's down path)")
+            check(whole["down"] == [batch, 2 * batch] * 3, f"{sampler}: reference batches {whole['down']}")
+            w_err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(shared["vecs"], whole["vecs"]))
+            check(w_err < 1e-5, f"{sampler}: w differs from the whole call's by {w_err:.2e} (relative)")
+            image_err = max(np.abs(a - b).max() for a, b in zip(shared["images"], whole["images"]))
             check(image_err <= 1, f"{sampler}: images differ by up to {image_err} levels")
             found[sampler] = {"w_rel_err": w_err, "image_levels": int(image_err)}
         negative = run(negative="blurry")
-        check(negative["features"] == 3 and negative["batches"] == [1, 2] * 3,
-              f"with a negative prompt: {negative['features']} feature passes, batches {negative['batches']}")
-        e4t_setting("e4t_share_negative_pass", default_setting)
-        default = run()
-        check(default["features"] == 3 and default["batches"] == [1, 2] * 3,
-              f"with the setting off: {default['features']} feature passes, batches {default['batches']}")
+        check(negative["down"] == [1, 2] * 3, f"with a negative prompt: down-path batches {negative['down']}")
+        e4t_setting("e4t_share_negative_pass", False)
+        off = run()
+        check(off["down"] == [1, 2] * 3, f"with the setting off: down-path batches {off['down']}")
     finally:
-        e4t.refinement.unet_features = original
         e4t_setting("e4t_share_negative_pass", default_setting)
-    check(default_setting is False, f"sharing is {default_setting!r} by default")
+    check(default_setting is True, f"sharing is {default_setting!r} by default")
+    check(hook_count() == hooks_before, f"{hook_count() - hooks_before} hooks or forwards left on the model")
     return found
 
 

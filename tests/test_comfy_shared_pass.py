@@ -1,29 +1,30 @@
 """The feature pass shared with the unconditional CFG pass (ComfyUI, tiny models, fp32, CPU).
 
 With an empty negative prompt from the same CLIP, the negative's own U-Net pass sees the latent, timestep
-and context of the encoder's feature pass: its down/mid outputs are the encoder's input. Sampling with
-them must give what the separate feature pass gives; anywhere else the separate pass runs.
+and context of the encoder's feature pass: its down/mid outputs are the feature pass's maps. The host's
+batched call then computes the down/mid blocks for the other rows only, and must give what the whole call
+gives; anywhere else the call stays whole.
 Runs on the 2024 copy (legacy model wrapper) and, with COMFYUI_PATH, on 0.33 (keyed wrapper).
 """
 import pytest
 import torch
 
-from comfy_harness import CAPTURED
+from comfy_harness import CAPTURED, TinyCheckpointLoader
 from test_comfyui import graph, host, pack_module  # noqa: F401  (host: the module's fixture)
 
 
 class Probe:
-    """Counts the separate feature passes and records every U-Net run (batch, cond/uncond) and every w."""
+    """Records the batch each U-Net path runs (the first layer of the down path, of the up path: after E4T's
+    narrowing), every apply-model call (batch, cond/uncond) and every w."""
 
     def __init__(self, monkeypatch):
         import comfy.model_base
         refinement = pack_module("e4t.refinement")
-        self.feature_passes, self.runs, self.words = 0, [], []
-        features, call, apply = refinement.unet_features, refinement.Refinement.__call__, comfy.model_base.BaseModel.apply_model
-
-        def unet_features(*args, **kwargs):
-            self.feature_passes += 1
-            return features(*args, **kwargs)
+        self.down, self.up, self.runs, self.words = [], [], [], []
+        call, apply = refinement.Refinement.__call__, comfy.model_base.BaseModel.apply_model
+        unet = TinyCheckpointLoader().load("tiny")[0].model.diffusion_model
+        self.handles = [layer.register_forward_hook(lambda m, a, o, seen=seen: seen.append(a[0].shape[0]))
+                        for layer, seen in ((unet.input_blocks[0][0], self.down), (unet.output_blocks[0][0], self.up))]
 
         def record(obj, unet, x, t, dtype=None, maps=None):
             out = call(obj, unet, x, t, dtype, maps=maps)
@@ -34,9 +35,12 @@ class Probe:
             opts = kwargs.get("transformer_options", args[1] if len(args) > 1 else {})
             self.runs.append((x.shape[0], list(opts.get("cond_or_uncond", []))))
             return apply(obj, x, t, c_concat, c_crossattn, *args, **kwargs)
-        monkeypatch.setattr(refinement, "unet_features", unet_features)
         monkeypatch.setattr(refinement.Refinement, "__call__", record)
         monkeypatch.setattr(comfy.model_base.BaseModel, "apply_model", apply_model)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def no_sharing(monkeypatch):
@@ -57,22 +61,30 @@ def empty_negative(sampler="euler", images=1, **kw):
     return g
 
 
+def probed(host, monkeypatch, g):  # noqa: F811
+    probe = Probe(monkeypatch)
+    try:
+        run(host, g)
+    finally:
+        probe.remove()
+    return probe
+
+
 @pytest.mark.parametrize("sampler,images", [("euler", 1), ("ddim", 2), ("heun", 1)])
 def test_an_empty_negative_prompt_shares_the_feature_pass(host, monkeypatch, sampler, images):  # noqa: F811
-    """Shared: no separate feature pass, the negative's pass (batch = images) then the positive's. The first w
-    is bit-identical to the separate feature pass's; later ones and the image differ only by the rounding of
-    two half-batch U-Net passes against one batched pass (fp32)."""
+    """Shared: per evaluation the feature pass (batch = images), then one batched call whose down path runs the
+    positive's rows only and whose up path runs all. w is the same feature pass's in both; the images differ
+    only by the rounding of the down path run at half the batch (fp32)."""
     evaluations = 7 if sampler == "heun" else 4                 # heun: two evaluations per step but the last
     with monkeypatch.context() as m:
-        separate = Probe(m)
         no_sharing(m)
-        run(host, empty_negative(sampler, images, key="separate"))
-    shared = Probe(monkeypatch)
-    run(host, empty_negative(sampler, images, key="shared"))
-    assert separate.feature_passes == evaluations
-    assert separate.runs in ([(2 * images, [0, 1])] * evaluations, [(2 * images, [1, 0])] * evaluations), separate.runs
-    assert shared.feature_passes == 0
-    assert shared.runs == [(images, [1]), (images, [0])] * evaluations, shared.runs
+        separate = probed(host, m, empty_negative(sampler, images, key="separate"))
+    shared = probed(host, monkeypatch, empty_negative(sampler, images, key="shared"))
+    assert separate.down == [images, 2 * images] * evaluations, separate.down
+    assert shared.down == [images, images] * evaluations, shared.down
+    assert shared.up == separate.up == [2 * images] * evaluations
+    for probe in (separate, shared):
+        assert probe.runs in ([(2 * images, [0, 1])] * evaluations, [(2 * images, [1, 0])] * evaluations), probe.runs
     assert len(shared.words) == len(separate.words) == evaluations
     assert torch.equal(shared.words[0], separate.words[0])      # same latent: the very same maps
     for a, b in zip(shared.words, separate.words):
@@ -82,14 +94,12 @@ def test_an_empty_negative_prompt_shares_the_feature_pass(host, monkeypatch, sam
 
 
 def test_the_shared_pass_stops_with_the_refinement(host, monkeypatch):  # noqa: F811
-    """Below t_stop w is frozen: no pass is split any more (one batched pass per evaluation)."""
+    """Below t_stop w is frozen: no feature pass, and the calls stay whole."""
     g = empty_negative(key="frozen")
     g["apply"]["inputs"]["t_stop"] = 1000
-    probe = Probe(monkeypatch)
-    run(host, g)
-    assert probe.feature_passes == 0
-    assert probe.runs[:2] == [(1, [1]), (1, [0])] and len(probe.runs) == 5
-    assert all(n == 2 and sorted(parts) == [0, 1] for n, parts in probe.runs[2:]), probe.runs
+    probe = probed(host, monkeypatch, g)
+    assert probe.down == [1, 1] + [2] * 3, probe.down       # the first evaluation predicts w, then it is frozen
+    assert len(probe.runs) == 4
 
 
 @pytest.mark.parametrize("case", ["negative prompt", "cfg 1", "negative with clip skip"])
@@ -102,7 +112,6 @@ def test_the_feature_pass_runs_on_its_own_where_sharing_does_not_apply(host, mon
     else:                       # an empty prompt, but not the encoder's empty context
         g["skip"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["ckpt", 1], "stop_at_clip_layer": -2}}
         g["neg"]["inputs"]["clip"] = ["skip", 0]
-    probe = Probe(monkeypatch)
-    run(host, g)
-    assert probe.feature_passes == 4
-    assert all(parts != [1] for _, parts in probe.runs), probe.runs
+    probe = probed(host, monkeypatch, g)
+    per_call = 1 if case == "cfg 1" else 2
+    assert probe.down == [1, per_call] * 4, probe.down
