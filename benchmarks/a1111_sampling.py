@@ -7,7 +7,9 @@ fresh --data folder builds them), headless on the CPU:
         --webui /work/hosts/stable-diffusion-webui --data /tmp/a1111-bench [--channels 32] [--size 64] [--clip-l]
 
 A step's time is the median interval between consecutive denoiser callbacks of one job (CPU time of the
-process, and wall time), so loading, VAE and the first step are left out. Jobs: no E4T; E4T with a prompt
+process), so loading, VAE and the first step are left out. Step times of one job drift by up to 40 % with the
+state of glibc's heap over the process, so every round runs each job once, in a rotated order, and a job's ratio
+is the median over the rounds of its step ÷ that round's step without E4T. Jobs: no E4T; E4T with a prompt
 without the placeholder (weights only: each changed layer run once with W'); E4T with the placeholder (weights,
 per-step w from the feature pass, whose maps stand in for the negative's down/mid blocks in the webui's call,
 re-encoding through the slot encoder); the same with the negative's pass run whole (the setting
@@ -90,37 +92,49 @@ def main():
     from modules import script_callbacks
     from e4t_a1111 import hooks
     script_callbacks.on_cfg_denoiser(stamp, name="e4t-bench-stamp")
-    cases = [("no E4T", "a photo of *s", (False, None, 1.0, 0)),
-             ("E4T, weights only", "a photo of a cat", H.concept_args()),
-             ("E4T, refined (negative's down path from the feature pass)", "a photo of *s", H.concept_args())]
-    rows = {}
-    for _ in range(args.repeats):
-        for name, prompt, e4t_args in cases:
-            rows.setdefault(name, []).append(job(prompt, e4t_args, args.steps, args.size))
-        on = H.e4t_setting("e4t_share_negative_pass", False)               # Settings > E4T, on by default
-        try:
-            rows.setdefault("E4T, refined, negative's pass whole (setting off)", []).append(
-                job(*cases[2][1:], args.steps, args.size))
-        finally:
-            H.e4t_setting("e4t_share_negative_pass", on)
-        plain, hooks._is_plain = hooks._is_plain, (lambda *a: False)      # every layer: host + layer(x; W' - W)
-        try:
-            for name, prompt, e4t_args in cases[1:] if args.before else ():
-                rows.setdefault(f"{name}, W' - W added (before)", []).append(job(prompt, e4t_args, args.steps,
-                                                                                  args.size))
-        finally:
-            hooks._is_plain = plain
+    def setting_off(fn):                 # Settings > E4T, on by default
+        def run():
+            on = H.e4t_setting("e4t_share_negative_pass", False)
+            try:
+                return fn()
+            finally:
+                H.e4t_setting("e4t_share_negative_pass", on)
+        return run
+
+    def added(fn):                       # every layer: host + layer(x; W' - W), as before W' replaced the product
+        def run():
+            plain, hooks._is_plain = hooks._is_plain, (lambda *a: False)
+            try:
+                return fn()
+            finally:
+                hooks._is_plain = plain
+        return run
+
+    def make(prompt, e4t_args):
+        return lambda: job(prompt, e4t_args, args.steps, args.size)
+    weights, refined = make("a photo of a cat", H.concept_args()), make("a photo of *s", H.concept_args())
+    cases = {"no E4T": make("a photo of *s", (False, None, 1.0, 0)), "E4T, weights only": weights,
+             "E4T, refined (negative's down path from the feature pass)": refined,
+             "E4T, refined, negative's pass whole (setting off)": setting_off(refined)}
+    if args.before:
+        cases["E4T, weights only, W' - W added (before)"] = added(weights)
+        cases["E4T, refined, W' - W added (before)"] = added(refined)
+    names, rows = list(cases), {name: [] for name in cases}
+    for r in range(args.repeats):        # each round in another order: the heap's state drifts over a process
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rows[name].append(cases[name]())
     params = sum(p.numel() for p in H.ENV.unet.parameters())
     text = sum(p.numel() for p in H.ENV.sd_model.cond_stage_model.parameters())
     print(f"\nA1111 sampling, U-Net {params / 1e6:.2f} M params, text encoder {text / 1e6:.1f} M, {args.size} px, "
-          f"Euler CFG 7, {args.steps} steps, trains-all concept; median step of the best of {args.repeats} jobs (CPU)\n")
-    print("| job | wall ms/step | CPU ms/step | CPU ratio to no E4T | CPU ms/step of each job |\n|---|---|---|---|---|")
-    base = min(c for _, c in rows["no E4T"])
+          f"Euler CFG 7, {args.steps} steps, trains-all concept; {args.repeats} rounds, each job's median step "
+          f"(CPU time); ratio: median over the rounds of the job's step ÷ the round's no-E4T step\n")
+    print("| job | best CPU ms/step | median ratio to no E4T | ratio per round | CPU ms/step per round |\n"
+          "|---|---|---|---|---|")
+    base = [c for _, c in rows["no E4T"]]
     for name, found in rows.items():
-        wall, cpu = min(w for w, _ in found), min(c for _, c in found)
-        each = ", ".join(f"{c * 1e3:.0f}" for _, c in found)
-        print(f"| {name} | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | {cpu / base:.2f}x | {each} |")
-
+        ratios = [c / b for (_, c), b in zip(found, base)]
+        print(f"| {name} | {min(c for _, c in found) * 1e3:.1f} | {statistics.median(ratios):.2f}x | "
+              f"{', '.join(f'{q:.2f}' for q in ratios)} | {', '.join(f'{c * 1e3:.0f}' for _, c in found)} |")
 
 if __name__ == "__main__":
     main()
