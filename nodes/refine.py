@@ -177,8 +177,8 @@ def _calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
     maps = state.feature_maps(model, x_in, timestep, head_patcher.model)
     words = state.words(model, x_in, timestep, head_patcher.model, maps=maps)
     options = comfy.patcher_extension.copy_nested_dicts(model_options)
-    comfy.patcher_extension.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, _known_uncond(state, maps, u, x_in, timestep),
-                                                 options, is_model_options=True)
+    known = _known_uncond(state, maps, u, x_in, timestep)
+    comfy.patcher_extension.add_wrapper_with_key(WrappersMP.APPLY_MODEL, KEY, known, options, is_model_options=True)
     return executor(model, _refined(conds, words), x_in, timestep, options)
 
 

@@ -42,7 +42,8 @@ def test_known_rows_give_the_whole_calls_output(unet, rows):
     down = [layer for block in list(unet.input_blocks) + [unet.middle_block] for layer in block.children()]
     probes = [m.register_forward_hook(lambda m, a, o, k=k: seen.setdefault(k, []).append(a[0].shape[0]))
               for k, m in (("down", layer) for layer in down)]
-    probes += [next(unet.output_blocks[0].children()).register_forward_pre_hook(lambda m, a: seen.setdefault("up", []).append(a[0].shape[0]))]
+    up = next(unet.output_blocks[0].children())
+    probes.append(up.register_forward_pre_hook(lambda m, a: seen.setdefault("up", []).append(a[0].shape[0])))
     try:
         shared = _call(unet, x, t, ctx)
     finally:
