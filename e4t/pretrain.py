@@ -25,6 +25,7 @@ from .weights_file import save
 from .encoder import Encoder
 from .images import pil_to_tensor
 from .offsets import Offsets
+from .optim import adamw
 from .training import Objective, UNetWeights, training_mode
 from .tune import TEMPLATES, augment, trainable_heads
 
@@ -105,7 +106,7 @@ def _pretrain(unet, encoder, offsets, files, out_dir, text_encode, vae_encode, e
     enc = trainable_heads(encoder, device)
     offs = offsets.to(device).float().requires_grad_(True).train()
     params = enc.heads() + list(offs.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, fused=device.type == "cuda")
+    opt = adamw(params, device, lr=cfg.lr, weight_decay=0.01)
     acp = alphas_cumprod.to(device, torch.float32)
     objective = Objective(unet, enc, offs, UNetWeights(unet, set(), compute=None if autocast_dtype else torch.float32), text_encode,
                           e_domain.detach().to(device, torch.float32).clone(), empty_context.detach().to(device).clone(),

@@ -21,7 +21,7 @@ from torch import nn
 
 from .encoder import Encoder, ImageFeatures
 from .offsets import Offsets
-from .optim import CompactAdamW
+from .optim import CompactAdamW, adamw
 from .precision import Precision, training_precision
 from . import training
 from .training import Objective, UNetWeights, structural_clone, training_mode
@@ -225,8 +225,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     weights = UNetWeights(unet, trained, cfg.unet_weights, compute)
     params = enc.heads() + list(offs.parameters()) + weights.trainable()
     if cfg.optimizer_states == "fp32" and not (cfg.fused_step or cfg.offload_optimizer) and cfg.unet_weights == "master":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                                fused=device.type == "cuda")   # one kernel for all parameters on the GPU
+        opt = adamw(params, device, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
     else:
         opt = CompactAdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                            states=cfg.optimizer_states, bases=weights.bases(),

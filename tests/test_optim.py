@@ -196,3 +196,24 @@ def test_moments_held_elsewhere_give_the_same_tune():
         held, opt_b = run_compact(start, grads, states, fused=True, delta=True, held="cpu")
         assert all(torch.equal(a, b) for a, b in zip(here, held))
         assert opt_a.state_bytes() == opt_b.state_bytes()
+
+
+def test_fp32_paths_step_with_torchs_fused_adamw_on_the_cpu():
+    """The fast tune and pre-training use torch's AdamW fused where torch has it (here, on the CPU): one kernel
+    instead of ~20 operations per parameter, landing where torch's default lands."""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(40, 30, generator=g), torch.randn(30, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(10)]
+    fused = [p.clone().requires_grad_() for p in start]
+    default = [p.clone().requires_grad_() for p in start]
+    opts = (e4t.optim.adamw(fused, "cpu", lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
+            torch.optim.AdamW(default, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1))
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    for step in grads:
+        for params, opt in zip((fused, default), opts):
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            opt.step()
+    for a, b, s in zip(fused, default, start):
+        assert (a - s).abs().max() > 0.05                          # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
