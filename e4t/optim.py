@@ -305,8 +305,8 @@ class CompactAdamW(torch.optim.Optimizer):
 
 def adamw(params, device: torch.device, **kwargs) -> torch.optim.AdamW:
     """torch's AdamW, fused (one kernel over all parameters) on CUDA and, where this torch has it (2.4 and newer), on
-    the CPU, where torch's default steps one parameter at a time: ~20 operations each, a host sync per parameter and
-    a pass over memory per operation (4.6-6.5x the time of the fused step on 150 M parameters, BENCHMARKS.md).
+    the CPU, where torch's default steps one parameter at a time: ~10 operations each, a host sync per parameter and
+    a pass over memory per operation (5.5x the time of the fused step on 148 M U-Net parameters, BENCHMARKS.md).
     Elsewhere (MPS, older torch such as the webui's 2.1) torch's default."""
     if torch.device(device).type in ("cuda", "cpu"):
         try:

@@ -200,7 +200,7 @@ def test_moments_held_elsewhere_give_the_same_tune():
 
 def test_fp32_paths_step_with_torchs_fused_adamw_on_the_cpu():
     """The fast tune and pre-training use torch's AdamW fused where torch has it (here, on the CPU): one kernel
-    instead of ~20 operations per parameter, landing where torch's default lands."""
+    instead of ~10 operations per parameter, landing where torch's default lands."""
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(40, 30, generator=g), torch.randn(30, generator=g)]
     grads = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(10)]
