@@ -10,6 +10,7 @@ Public API (hosts use only these names):
     Encoder, EncoderConfig, ImageFeatures, FoldedEncoder,
     unet_feature_channels                                        -- the encoder (full; folded for sampling)
     Offsets, targets, merge, applied                              -- weight offsets W0 * (1 + ΔW)
+    OffsetGroups                                                  -- the offsets stacked by shape, as a tune trains them
     predict_embedding, Refinement, unet_features, KnownRows       -- per-step refinement (its pass shared with the negative's)
     encode_with_word, WordInjector, domain_embedding, MARKERS     -- placeholder injection in CLIP text
     clip_layers                                                   -- CLIP skip -> layers to run, for both hosts
@@ -36,7 +37,7 @@ from .images import pil_pixels, pil_to_tensor, save_png, to_uint8
 from .files import PickleRefused, read_tensors
 from .facemask import CASCADES, MaskUnavailable, detect_mask
 from .losses import alphas_cumprod_of, sd1_alphas_cumprod
-from .offsets import Offsets, applied, merge, targets
+from .offsets import OffsetGroups, Offsets, applied, merge, targets
 from .optim import CompactAdamW
 from .plots import line_plot, scatter_plot
 from .pretrain import PretrainConfig, image_files, load_image, pretrain
@@ -54,7 +55,7 @@ from .tune import MEMORY_MODES, PRESETS, Diverged, base_weights_notice, Interrup
 __all__ = ["load", "save", "convert", "E4TWeights", "DomainConfig", "E4TFileError", "make_concept", "concept_metadata",
            "source_sha256", "check_base", "Compression", "read_header",
            "read_published_config", "read_tensors", "PickleRefused", "walk", "pixels_sha256", "pil_pixels", "pil_to_tensor", "save_png", "to_uint8", "backbone_state", "tensors_sha256", "Encoder",
-           "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "targets", "merge",
+           "EncoderConfig", "ImageFeatures", "FoldedEncoder", "unet_feature_channels", "Offsets", "OffsetGroups", "targets", "merge",
            "applied", "predict_embedding", "Refinement", "unet_features", "KnownRows", "WordInjector", "encode_with_word", "SlotEncoder",
            "input_embeddings", "fast_dtype",
            "domain_embedding", "MARKERS", "tune", "TuneConfig", "TuneResult", "PRESETS", "preset", "Interrupted", "Diverged", "Precision", "training_precision", "augment", "memory_mode", "memory_settings", "tune_peak", "available_memory", "MEMORY_MODES", "base_fingerprint", "CompactAdamW",

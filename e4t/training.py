@@ -173,6 +173,16 @@ class UNetWeights:
         d = self.deltas.get(name)
         return self.base[name].float() + (0 if d is None else d.float())
 
+    def stacked(self, names: list) -> torch.Tensor:
+        """`full` of weights of one shape, stacked (g, out, in): in two or three kernels, not per weight."""
+        if self.kind == "master":
+            return torch.stack([self.tensors[n] for n in names]).float()
+        full = torch.stack([self.base[n] for n in names]).float()
+        if not any(n in self.deltas for n in names):
+            return full
+        return full + torch.stack([self.deltas[n] if n in self.deltas else torch.zeros_like(self.base[n], dtype=torch.bfloat16)
+                                   for n in names]).float()
+
     def delta(self) -> dict:
         """{name: W_tuned - W0} for every trained weight (fp32 for master copies, bf16 for deltas)."""
         if self.kind == "master":
@@ -311,18 +321,22 @@ class Objective:
         leaf_dtype = torch.float32 if self.weights.kind == "master" else (self.weights.compute or torch.float32)
 
         def merged_weights():
-            return {k: merge(self.weights.full(k), d).to(leaf_dtype) for k, d in self.offsets.deltas().items()}
+            """[(targets, their W' stacked (g, out, in))] per weight shape: a few kernels for all targets."""
+            return [(keys, merge(self.weights.stacked(keys), delta).to(leaf_dtype))
+                    for keys, delta in self.offsets.grouped()]
         # Low-VRAM: what the merge keeps for backward (one weight-sized fp32 tensor per target, 0.26 GiB
         # for SD1.5) is recomputed for the final backward instead of being kept through the step.
         merged = checkpoint(merged_weights, use_reentrant=False) if self.checkpointing else merged_weights()
-        leaves = {k: v.detach().requires_grad_() for k, v in merged.items()}
+        # One leaf per target, views of its group (autocast casts a leaf once per step, however often it is used).
+        leaves = [[w.requires_grad_() for w in m.detach().unbind()] for _, m in merged]
+        extra = {k: w for (keys, _), ws in zip(merged, leaves) for k, w in zip(keys, ws)}
         # The diffusion term is a mean: each micro-batch carries its share; the regulariser is a sum over the
         # batch: each micro-batch adds its own part.
         total = 0.0
         for mb in torch.arange(x0.shape[0]).split(x0.shape[0] // accumulation):
             feats = ImageFeatures(tokens=tokens if tokens.shape[0] == 1 else tokens[mb])
             xt = noisy(x0[mb], noise[mb], acp[t[mb]])
-            with parametrized(self.unet, self.weights, leaves, self.checkpointing, self.chunk), \
+            with parametrized(self.unet, self.weights, extra, self.checkpointing, self.chunk), \
                     computing_in(self.unet, torch.float32 if fp32 else None), \
                     activations_on_cpu(self.offload and offloads(device)):
                 with autocast:
@@ -335,6 +349,6 @@ class Objective:
                 loss = loss / accumulation + self.reg_lambda * regularizer(w)
                 (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             total += float(loss.detach())
-        grads = [leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(leaves[k]) for k in merged]
-        torch.autograd.backward(list(merged.values()), grads)
+        grads = [torch.stack([w.grad if w.grad is not None else torch.zeros_like(w) for w in ws]) for ws in leaves]
+        torch.autograd.backward([m for _, m in merged], grads)
         return total

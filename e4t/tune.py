@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import Encoder, ImageFeatures
-from .offsets import Offsets
+from .offsets import OffsetGroups, Offsets
 from .optim import CompactAdamW, adamw
 from .precision import Precision, training_precision
 from . import training
@@ -219,7 +219,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
 
     # Trainable copies: heads, offsets (fp32), U-Net weights (fp32 masters or bf16 deltas); the host's stay untouched.
     enc = trainable_heads(encoder, device)
-    offs = copy.deepcopy(offsets).to(device).float().requires_grad_(True).train()
+    offs = OffsetGroups(offsets, device).requires_grad_(True).train()
     trained = set(_trained_names(unet, cfg.trains))
     compute = (autocast_dtype or torch.float32) if cfg.unet_weights == "delta" else (None if autocast_dtype else torch.float32)
     weights = UNetWeights(unet, trained, cfg.unet_weights, compute)
@@ -272,7 +272,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     del opt                                        # gradients and optimizer state go before the deltas are formed
     delta = weights.delta()
     enc.requires_grad_(False).eval()
-    offs.requires_grad_(False).eval()
+    offs = offs.offsets().requires_grad_(False).eval()
     return TuneResult(encoder=enc, offsets=offs, unet_delta=delta, losses=losses)
 
 

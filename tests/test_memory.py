@@ -56,7 +56,7 @@ def test_tune_estimate_tiny(unet, clip):
     est = memory.estimate_tune_peak(unet, cfg, text_model=text, encoder_config=enc_cfg,
                                     clone_norm_inputs=in_place_residuals())
     heads = e4t.Encoder(enc_cfg).heads()
-    offsets = list(e4t.Offsets(e4t.targets(unet.state_dict()), identity=False).parameters())
+    offsets = list(e4t.OffsetGroups(e4t.Offsets(e4t.targets(unet.state_dict()), identity=False)).parameters())
     trained = heads + offsets + list(unet.parameters())
     fp32 = sum(rounded(4 * p.numel()) for p in trained)
     assert est.breakdown["trainable"] == fp32

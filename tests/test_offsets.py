@@ -1,8 +1,8 @@
 import torch
 
-from e4t import Offsets, applied, merge, targets
+from e4t import OffsetGroups, Offsets, applied, merge, targets
 from tiny_models import SD15_UNET
-from e4t.offsets import (Offset, compvis_block_to_diffusers, diffusers_block_to_compvis, published_to_target,
+from e4t.offsets import (PARAMS, Offset, compvis_block_to_diffusers, diffusers_block_to_compvis, published_to_target,
                          target_to_published, weight_change)
 
 
@@ -100,3 +100,59 @@ def test_published_offset_count_and_params_on_full_sd15(comfy):
     keys = to_published(offsets)
     assert len(keys) == 864
     assert sum(v.numel() for v in keys.values()) == 143_226_592
+
+
+def _random_offsets(shapes, seed=0):
+    torch.manual_seed(seed)
+    offsets = Offsets(shapes, identity=False)
+    with torch.no_grad():
+        for p in offsets.parameters():
+            p.add_(torch.randn_like(p) * 0.1)          # every parameter matters, biases of linear_row included
+    return offsets
+
+
+def test_offset_groups_give_each_offsets_delta_gradients_and_parameters(unet):
+    """The tune's layout (`OffsetGroups`: parameters stacked by weight shape) gives every target's ΔW and, for any
+    loss, every parameter's gradient as the file layout does; `offsets()` gives the parameters back bit for bit."""
+    offsets = _random_offsets(targets(unet.state_dict()))
+    groups = OffsetGroups(offsets)
+    assert len(groups.keys) == len(set(targets(unet.state_dict()).values())) > 1
+    g = torch.Generator().manual_seed(1)
+    probe = {k: torch.randn(s, generator=g) for k, s in targets(unet.state_dict()).items()}
+    per_offset, stacked = offsets.deltas(), groups.deltas()
+    assert set(stacked) == set(per_offset)
+    for k in per_offset:                               # the same sums in another order (bmm, not mv): rounding
+        assert float((stacked[k] - per_offset[k]).detach().abs().max()) <= 1e-6 * float(per_offset[k].detach().abs().max()), k
+    sum((probe[k] * d).sum() for k, d in per_offset.items()).backward()
+    sum((probe[k] * d).sum() for k, d in stacked.items()).backward()
+    for keys, stack in zip(groups.keys, groups.stacks):
+        for name in PARAMS:
+            for i, k in enumerate(keys):
+                ours, theirs = stack[name.replace(".", "_")].grad[i], offsets[k].get_parameter(name).grad
+                assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), (k, name)
+    back = groups.offsets()
+    assert back.targets == offsets.targets
+    for (name, a), (_, b) in zip(back.state_dict().items(), offsets.state_dict().items()):
+        assert torch.equal(a, b) and not a.requires_grad, name
+
+
+def test_a_groups_delta_dispatches_the_same_operations_however_many_offsets_it_holds():
+    """ΔW of a group is a fixed number of kernels forward and backward (the tune step is launch-bound on a GPU);
+    in the file layout the count grows with every offset."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(layout):
+        Count.n = 0
+        with Count():
+            sum(delta.sum() for _, delta in layout.grouped()).backward()
+        return Count.n
+    few, many = ({f"b.{i}.transformer_blocks.0.attn1.to_q.weight": (6, 4) for i in range(n)} for n in (2, 6))
+    assert ops(OffsetGroups(_random_offsets(few))) == ops(OffsetGroups(_random_offsets(many)))
+    assert ops(_random_offsets(many)) > ops(_random_offsets(few)) + 4 * 9

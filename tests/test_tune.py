@@ -377,3 +377,48 @@ def test_precision_policy():
     if torch.cuda.is_available():
         want = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
         assert e4t.training_precision("cuda").autocast == want
+
+
+def test_offsets_stacked_by_shape_give_the_per_offset_step(model, clip, vae, encoder):
+    """The tune trains the offsets stacked by weight shape (`OffsetGroups`, W' of all targets in a few kernels); one
+    objective step with them gives the loss and the gradients of heads, offsets and U-Net that the file layout
+    (`Offsets`, one merge per target, as pre-training keeps them) gives."""
+    import copy
+    from e4t.training import Objective, UNetWeights, structural_clone, training_mode
+    from e4t.tune import trainable_heads
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    work = structural_clone(unet)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        tokens = encoder.image_features(image[None]).tokens
+    found = []
+    with training_mode(work, True):
+        for layout in (copy.deepcopy(offsets).float().requires_grad_(), e4t.OffsetGroups(offsets).requires_grad_()):
+            heads = trainable_heads(encoder)
+            weights = UNetWeights(work, {n for n, _ in work.named_parameters()}, "master")
+            objective = Objective(work, heads, layout, weights, kw["text_encode"], kw["e_domain"], kw["empty_context"],
+                                  kw["alphas_cumprod"], 0.1, "eps", 1e-4)
+            loss = objective.backward(tokens, x0, noise, t, [f"a photo of {PLACEHOLDER}"] * 2)
+            offs = layout if isinstance(layout, Offsets) else None
+            grads = {f"heads.{n}": p.grad for n, p in heads.named_parameters() if p.requires_grad}
+            grads.update({f"unet.{n}": w.grad for n, w in zip(weights.trained, weights.trainable())})
+            if offs is not None:
+                grads.update({f"offsets.{k}.{n}": offs[k].get_parameter(n).grad for k in offs.targets
+                              for n, _ in offs[k].named_parameters()})
+            else:
+                grads.update({f"offsets.{k}.{n}": stack[n.replace('.', '_')].grad[i]
+                              for keys, stack in zip(layout.keys, layout.stacks) for i, k in enumerate(keys)
+                              for n in e4t.offsets.PARAMS})
+            found.append((loss, grads))
+    (loss_a, a), (loss_b, b) = found
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert set(a) == set(b) and sum(k.startswith("offsets.") for k in a) == 9 * len(offsets.targets)
+    unused = {k for k in a if a[k] is None}
+    assert unused == {k for k in b if b[k] is None} and len(unused) < len(a) / 10, sorted(unused)[:5]
+    scale = {}                       # the largest gradient of heads, offsets, U-Net: the floor of rounding noise
+    for k in set(a) - unused:
+        scale[k.split(".")[0]] = max(scale.get(k.split(".")[0], 0.0), float(a[k].abs().max()))
+    for k in set(a) - unused:
+        assert float((a[k] - b[k]).abs().max()) <= 1e-4 * float(a[k].abs().max()) + 1e-6 * scale[k.split(".")[0]], k
