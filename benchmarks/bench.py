@@ -61,22 +61,25 @@ def flops(fn):
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched below autograd: on a GPU each is about one kernel launch, so
-    the count shows launch-bound progress on a machine without one."""
+    """Counts the aten operations dispatched below autograd: on a GPU each costs the CPU a dispatch, and each
+    that is not a view (`kernels`) about one kernel launch, so the counts show launch-bound progress on a machine
+    without one."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.kernels = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.kernels += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
-def ops(fn):
+def ops(fn, kernels=False):
+    """Operations `fn` dispatches (kernels=True: those that are not views)."""
     with OpCounter() as counter:
         fn()
-    return counter.count
+    return counter.kernels if kernels else counter.count
 
 
 def a1111_hooks():
@@ -150,10 +153,13 @@ class Setup:
     def vae_encode(self, images):
         return torch.randn(images.shape[0], 4, images.shape[2] // 8, images.shape[3] // 8, device=images.device)
 
-    def tune(self, steps, batch, memory, trains="all", progress=None):
+    def tune(self, steps, batch, memory, trains="all", progress=None, precision="device"):
+        """precision: an autocast dtype, None (fp32), or "device": the bench's dtype on CUDA, else fp32."""
         cfg = e4t.TuneConfig(steps=steps, batch_size=batch, resolution=self.res, lr=1e-5,
                              trains=trains, **e4t.memory_settings(memory))
-        precision = e4t.Precision(self.dtype if self.device.type == "cuda" else None)
+        if precision == "device":
+            precision = self.dtype if self.device.type == "cuda" else None
+        precision = e4t.Precision(precision)
         return e4t.tune(self.unet, self.encoder, self.offsets, self.image, text_encode=self.text_encode,
                         vae_encode=self.vae_encode, e_domain=self.e_domain, empty_context=self.empty,
                         alphas_cumprod=e4t.sd1_alphas_cumprod(), placeholder="sks", cfg=cfg, features=self.features,
@@ -545,9 +551,16 @@ def op_counts(s, device, args):
                      f"before (host's layer + layer(x; W' - W)) {counted['added']}", f"{len(h.parts)} changed modules"))
     with s.e4t_weights_on_cpu():
         memory, trains = args.tunes[0]
-        per_run = [ops(lambda: s.tune(k, args.batch, memory, trains)) for k in (1, 2)]
-    rows.append((f"ops: tune step, batch {args.batch}, {memory}, trains {trains}", f"{per_run[1] - per_run[0]} per step",
-                 f"setup + 1 step {per_run[0]}", "", ""))
+        for precision in (None, torch.bfloat16):                 # as on this device; under bf16 autocast as on a GPU
+            counted = []
+            for k in (1, 2):
+                with OpCounter() as counter:
+                    s.tune(k, args.batch, memory, trains, precision=precision)
+                counted.append((counter.count, counter.kernels))
+            (all_1, kernels_1), (all_2, kernels_2) = counted
+            rows.append((f"ops: tune step, batch {args.batch}, {memory}, trains {trains}, "
+                         f"{'bf16 autocast' if precision else 'as on ' + device.type}", f"{all_2 - all_1} per step",
+                         f"{kernels_2 - kernels_1} not views (≈ kernels)", f"setup + 1 step {all_1}", ""))
     return rows
 
 

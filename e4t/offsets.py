@@ -108,8 +108,9 @@ class OffsetGroups(nn.Module):
         for keys in self.keys:
             stack = nn.ParameterDict()
             for name in PARAMS:
-                tensors = [offsets[k].get_parameter(name).detach() for k in keys]
-                stack[name.replace(".", "_")] = nn.Parameter(torch.stack(tensors).to(device, dtype))
+                with torch.no_grad():
+                    tensors = torch.stack([offsets[k].get_parameter(name) for k in keys])
+                stack[name.replace(".", "_")] = nn.Parameter(tensors.to(device, dtype))
             self.stacks.append(stack)
 
     def grouped(self) -> list:

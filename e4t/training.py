@@ -122,26 +122,55 @@ def _units(unet: nn.Module) -> dict:
 class UNetWeights:
     """The U-Net weights of a training step. Frozen names run on the host's tensors. Trained names:
 
-    - "master": fp32 trainable copies of the host's weights (16 bytes per parameter with AdamW and its gradients);
+    - "master": fp32 trainable copies of the host's weights (16 bytes per parameter with AdamW and its gradients),
+      held in three flat tensors (the weights merged with offsets; those of linear and conv layers; the rest, e.g.
+      norms), of which the U-Net's tensors are views made once per step (`begin`). So a step casts the layers'
+      weights for autocast in one kernel (`cast`), not one per weight, backward gathers their gradients in one, and
+      the optimizer and gradient clipping see three tensors, not hundreds; each weight's maths is unchanged;
     - "delta": a bf16 delta D per weight, trained from zero, the weight being W0 + D with W0 the host's frozen
       tensor; W0 + D is formed inside each block as it runs (and again when a checkpointed block is recomputed), so
       no full-size trained copy of the U-Net exists. Deltas keep what bf16 master weights would lose: a step of 1e-5
       on a weight of 0.05 is below bf16's resolution of the weight, not of the delta.
 
-    `compute`: the dtype weights enter the U-Net in (None: as stored, autocast casts them)."""
+    `compute`: the dtype weights enter the U-Net in (None: as stored, autocast casts them). `cast`: the autocast
+    dtype, which linear and conv layers compute in (their master weights are cast to it once per step).
+    `merged`: names used only through `stacked` (merged with the offsets, in fp32)."""
 
-    def __init__(self, unet: nn.Module, trained: set, kind: str = "master", compute=None):
+    def __init__(self, unet: nn.Module, trained: set, kind: str = "master", compute=None, cast=None,
+                 merged=frozenset()):
         if kind not in ("master", "delta"):
             raise ValueError(f"unknown unet_weights {kind!r}: use 'master' or 'delta'")
         self.kind, self.compute, self.trained = kind, compute, sorted(trained)
         self.base = {n: p.detach() for n, p in unet.named_parameters()}
+        self.tensors, self.deltas, self.segments = {}, {}, []
         if kind == "master":
-            self.tensors = {n: (p.clone().float().requires_grad_() if n in trained else self._frozen(p))
-                            for n, p in self.base.items()}
-            self.deltas = {}
+            self.tensors = {n: self._frozen(p) for n, p in self.base.items() if n not in trained}
+            layers = {n for n in self.trained if n not in merged and isinstance(
+                unet.get_submodule(n.rpartition(".")[0]), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+            for names, dtype in (([n for n in self.trained if n in merged], None),
+                                 ([n for n in self.trained if n in layers], cast),
+                                 ([n for n in self.trained if n not in merged and n not in layers], None)):
+                if names:
+                    self.segments.append((names, self._flat(names), dtype))
+            self.begin()
         else:
-            self.tensors = {}
             self.deltas = {n: torch.zeros_like(self.base[n], dtype=torch.bfloat16).requires_grad_() for n in trained}
+
+    def _flat(self, names: list) -> torch.Tensor:
+        """One fp32 leaf holding fp32 copies of the named weights, end to end (filled in place: no second copy)."""
+        flat = torch.empty(sum(self.base[n].numel() for n in names), dtype=torch.float32, device=self.base[names[0]].device)
+        with torch.no_grad():
+            for n, part in zip(names, flat.split([self.base[n].numel() for n in names])):
+                part.copy_(self.base[n].reshape(-1))
+        return flat.requires_grad_()
+
+    def begin(self):
+        """This step's tensors (master copies): views of each flat tensor in one split, the layers' cast once.
+        Call before each forward whose backward is separate (each micro-batch)."""
+        for names, flat, dtype in self.segments:
+            source = flat if dtype is None or dtype == flat.dtype else flat.to(dtype)
+            parts = source.split([self.base[n].numel() for n in names])
+            self.tensors.update((n, part.view(self.base[n].shape)) for n, part in zip(names, parts))
 
     def _frozen(self, p):
         if self.compute is not None and p.dtype != self.compute:
@@ -149,7 +178,7 @@ class UNetWeights:
         return p.clone() if p.is_inference() else p      # autograd cannot save inference tensors
 
     def trainable(self) -> list:
-        return [self.tensors[n] for n in self.trained] if self.kind == "master" else [self.deltas[n] for n in self.trained]
+        return [flat for _, flat, _ in self.segments] if self.kind == "master" else [self.deltas[n] for n in self.trained]
 
     def bases(self) -> dict:
         """{delta tensor: its frozen weight}, for the optimizer's weight decay of W0 + D."""
@@ -166,15 +195,9 @@ class UNetWeights:
         dtype = self.compute or w.dtype
         return w.to(dtype) + d.to(dtype)
 
-    def full(self, name: str) -> torch.Tensor:
-        """fp32 weight, differentiable in what trains (for merging with ΔW once per step)."""
-        if self.kind == "master":
-            return self.tensors[name].float()
-        d = self.deltas.get(name)
-        return self.base[name].float() + (0 if d is None else d.float())
-
     def stacked(self, names: list) -> torch.Tensor:
-        """`full` of weights of one shape, stacked (g, out, in): in two or three kernels, not per weight."""
+        """fp32 weights of one shape, differentiable in what trains, stacked (g, out, in): for merging with ΔW once
+        per step, in two or three kernels, not per weight."""
         if self.kind == "master":
             return torch.stack([self.tensors[n] for n in names]).float()
         full = torch.stack([self.base[n] for n in names]).float()
@@ -186,7 +209,8 @@ class UNetWeights:
     def delta(self) -> dict:
         """{name: W_tuned - W0} for every trained weight (fp32 for master copies, bf16 for deltas)."""
         if self.kind == "master":
-            return {n: self.tensors[n].detach() - self.base[n].float() for n in self.trained}
+            return {n: part.view(self.base[n].shape) - self.base[n].float() for names, flat, _ in self.segments
+                    for n, part in zip(names, flat.detach().split([self.base[n].numel() for n in names]))}
         return {n: self.deltas[n].detach() for n in self.trained}
 
 
@@ -287,6 +311,9 @@ def activations_on_cpu(enabled: bool):
         yield
 
 
+MERGE_CHUNK = 1 << 23        # elements of W' merged at once: SD1.5's largest shape (24 × 1280²) in 5 pieces
+
+
 @dataclass
 class Objective:
     """Diffusion loss + embedding regulariser for one optimiser step, gradients into `encoder` (heads),
@@ -320,10 +347,18 @@ class Objective:
         autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=not fp32)
         leaf_dtype = torch.float32 if self.weights.kind == "master" else (self.weights.compute or torch.float32)
 
+        self.weights.begin()
+
         def merged_weights():
-            """[(targets, their W' stacked (g, out, in))] per weight shape: a few kernels for all targets."""
-            return [(keys, merge(self.weights.stacked(keys), delta).to(leaf_dtype))
-                    for keys, delta in self.offsets.grouped()]
+            """[(targets, their W' stacked (g, out, in))], a few kernels per weight shape (or per MERGE_CHUNK
+            elements of one: the merge's fp32 temporaries of one piece are alive at once)."""
+            out = []
+            for keys, delta in self.offsets.grouped():
+                per = max(1, MERGE_CHUNK // delta[0].numel())
+                for i, part in enumerate(delta.split(per)):
+                    names = keys[i * per:(i + 1) * per]
+                    out.append((names, merge(self.weights.stacked(names), part).to(leaf_dtype)))
+            return out
         # Low-VRAM: what the merge keeps for backward (one weight-sized fp32 tensor per target, 0.26 GiB
         # for SD1.5) is recomputed for the final backward instead of being kept through the step.
         merged = checkpoint(merged_weights, use_reentrant=False) if self.checkpointing else merged_weights()
@@ -333,7 +368,9 @@ class Objective:
         # The diffusion term is a mean: each micro-batch carries its share; the regulariser is a sum over the
         # batch: each micro-batch adds its own part.
         total = 0.0
-        for mb in torch.arange(x0.shape[0]).split(x0.shape[0] // accumulation):
+        for i, mb in enumerate(torch.arange(x0.shape[0]).split(x0.shape[0] // accumulation)):
+            if i:
+                self.weights.begin()                  # fresh views: each micro-batch's backward is its own
             feats = ImageFeatures(tokens=tokens if tokens.shape[0] == 1 else tokens[mb])
             xt = noisy(x0[mb], noise[mb], acp[t[mb]])
             with parametrized(self.unet, self.weights, extra, self.checkpointing, self.chunk), \

@@ -222,7 +222,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     offs = OffsetGroups(offsets, device).requires_grad_(True).train()
     trained = set(_trained_names(unet, cfg.trains))
     compute = (autocast_dtype or torch.float32) if cfg.unet_weights == "delta" else (None if autocast_dtype else torch.float32)
-    weights = UNetWeights(unet, trained, cfg.unet_weights, compute)
+    weights = UNetWeights(unet, trained, cfg.unet_weights, compute, cast=autocast_dtype, merged=set(offsets.targets))
     params = enc.heads() + list(offs.parameters()) + weights.trainable()
     if cfg.optimizer_states == "fp32" and not (cfg.fused_step or cfg.offload_optimizer) and cfg.unet_weights == "master":
         opt = adamw(params, device, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)

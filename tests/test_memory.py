@@ -57,8 +57,14 @@ def test_tune_estimate_tiny(unet, clip):
                                     clone_norm_inputs=in_place_residuals())
     heads = e4t.Encoder(enc_cfg).heads()
     offsets = list(e4t.OffsetGroups(e4t.Offsets(e4t.targets(unet.state_dict()), identity=False)).parameters())
-    trained = heads + offsets + list(unet.parameters())
-    fp32 = sum(rounded(4 * p.numel()) for p in trained)
+    # the U-Net's fp32 copies in three flat tensors: weights merged with the offsets, linear and conv layers, the rest
+    merged = set(e4t.targets(unet.state_dict()))
+    layers = {n for n, _ in unet.named_parameters() if n not in merged and isinstance(
+        unet.get_submodule(n.rpartition(".")[0]), (torch.nn.Linear, torch.nn.Conv2d))}
+    flat = [sum(p.numel() for n, p in unet.named_parameters() if (n in merged, n in layers) == kind)
+            for kind in ((True, False), (False, True), (False, False))]
+    assert all(flat) and sum(flat) == sum(p.numel() for p in unet.parameters())
+    fp32 = sum(rounded(4 * p.numel()) for p in heads + offsets) + sum(rounded(4 * n) for n in flat)
     assert est.breakdown["trainable"] == fp32
     assert est.breakdown["optimizer"] == 2 * fp32                    # AdamW: exp_avg, exp_avg_sq in fp32
     fp16 = lambda ps: sum(rounded(2 * p.numel()) for p in ps)   # noqa: E731

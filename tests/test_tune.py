@@ -422,3 +422,92 @@ def test_offsets_stacked_by_shape_give_the_per_offset_step(model, clip, vae, enc
         scale[k.split(".")[0]] = max(scale.get(k.split(".")[0], 0.0), float(a[k].abs().max()))
     for k in set(a) - unused:
         assert float((a[k] - b[k]).abs().max()) <= 1e-4 * float(a[k].abs().max()) + 1e-6 * scale[k.split(".")[0]], k
+
+
+def test_master_weights_in_flat_tensors_give_the_per_weight_step_with_fewer_kernels(model, clip, vae, encoder):
+    """Under autocast (bf16 on the CPU here, as on a GPU) the fast tune's fp32 master weights live in three flat
+    tensors: the layers' weights are cast once per step, not once per weight, and their gradients gathered in one
+    kernel. One objective step gives the loss and, bit for bit, the gradients of one fp32 leaf per weight cast by
+    autocast where it is used (the layout before, written out here), with fewer kernel-launching operations."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from e4t.training import Objective, UNetWeights, structural_clone, training_mode
+    from e4t.tune import trainable_heads
+
+    class PerWeight(UNetWeights):
+        def __init__(self, unet, trained):
+            super().__init__(unet, set())
+            self.trained = sorted(trained)
+            self.tensors.update({n: self.base[n].clone().float().requires_grad_() for n in self.trained})
+
+        def trainable(self):
+            return [self.tensors[n] for n in self.trained]
+
+    class Kernels(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Kernels.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    work = structural_clone(unet)
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([300, 900])
+    with torch.no_grad():
+        tokens = encoder.image_features(image[None]).tokens
+    trained = {n for n, _ in work.named_parameters()}
+    found = []
+    with training_mode(work, True):
+        for weights in (PerWeight(work, trained),
+                        UNetWeights(work, trained, "master", cast=torch.bfloat16, merged=set(offsets.targets))):
+            objective = Objective(work, trainable_heads(encoder), e4t.OffsetGroups(offsets).requires_grad_(), weights,
+                                  kw["text_encode"], kw["e_domain"], kw["empty_context"], kw["alphas_cumprod"], 0.1,
+                                  "eps", 1e-4, autocast_dtype=torch.bfloat16)
+            Kernels.n = 0
+            with Kernels():
+                loss = objective.backward(tokens, x0, noise, t, [f"a photo of {PLACEHOLDER}"] * 2)
+            grads = [p.grad for p in weights.trainable()]
+            if len(grads) < len(trained):                       # flat: back to one gradient per weight
+                grads = [part for (names, _, _), flat in zip(weights.segments, grads)
+                         for part in flat.split([weights.base[n].numel() for n in names])]
+                names = [n for names, _, _ in weights.segments for n in names]
+            else:
+                grads, names = [q.reshape(-1) for q in grads], weights.trained
+            found.append((loss, dict(zip(names, grads)), Kernels.n))
+    (loss_a, a, kernels_a), (loss_b, b, kernels_b) = found
+    assert loss_a == loss_b and set(a) == set(b)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in work.modules())
+    assert kernels_b < kernels_a - layers, (kernels_a, kernels_b, layers)
+
+
+def test_merging_in_pieces_gives_the_same_step(model, clip, vae, encoder, monkeypatch):
+    """W' of a weight shape is merged MERGE_CHUNK elements at a time (SD1.5's largest shape in pieces, to bound the
+    merge's temporaries); pieces of one weight each give the same loss and gradients, bit for bit."""
+    from e4t import training
+    from e4t.training import Objective, UNetWeights, structural_clone, training_mode
+    from e4t.tune import trainable_heads
+    unet, offsets, image, kw = setup(model, clip, vae, encoder)
+    work = structural_clone(unet)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        tokens = encoder.image_features(image[None]).tokens
+    trained = {n for n, _ in work.named_parameters()}
+    found = []
+    with training_mode(work, True):
+        for chunk in (training.MERGE_CHUNK, 1):
+            monkeypatch.setattr(training, "MERGE_CHUNK", chunk)
+            layout = e4t.OffsetGroups(offsets).requires_grad_()
+            weights = UNetWeights(work, trained, "master", merged=set(offsets.targets))
+            calls = []
+            monkeypatch.setattr(training, "merge", lambda w, d, *a: calls.append(len(w)) or e4t.merge(w, d, *a))
+            loss = Objective(work, trainable_heads(encoder), layout, weights, kw["text_encode"], kw["e_domain"],
+                             kw["empty_context"], kw["alphas_cumprod"], 0.1, "eps", 1e-4).backward(
+                tokens, x0, noise, torch.tensor([200, 800]), [f"a photo of {PLACEHOLDER}"] * 2)
+            found.append((loss, [p.grad for p in list(layout.parameters()) + weights.trainable()], calls))
+    (loss_a, a, calls_a), (loss_b, b, calls_b) = found
+    assert len(calls_a) == len(layout.keys) and calls_b == [1] * len(offsets.targets)
+    assert loss_a == loss_b and all(torch.equal(x, y) for x, y in zip(a, b))
