@@ -134,17 +134,56 @@ class Encoder(nn.Module):
             u = self.embed_unet(unet_maps)                                                # (b, d)
             u_term = u @ self.feature_linear.weight[:, d:].T + self.feature_linear.bias   # (b, d)
             h = features.tokens.to(u.dtype) @ self.feature_linear.weight[:, :d].T         # (b|1, n, d)
-            n = len(self.first_linears)
-            image_term = sum(h[:, i] @ lin.weight.T for i, lin in enumerate(self.first_linears))   # (b|1, d)
-            mean_weight = sum(lin.weight for lin in self.first_linears) / n               # (d, d)
-            mean_bias = sum(lin.bias for lin in self.first_linears) / n                   # (d,)
-            z = image_term / n + u_term @ mean_weight.T + mean_bias
+            if isinstance(self.first_linears, StackedLinears):
+                image_term, mean_weight, mean_bias = self.first_linears.terms(h)
+            else:
+                n = len(self.first_linears)
+                image_term = sum(h[:, i] @ lin.weight.T for i, lin in enumerate(self.first_linears)) / n  # (b|1, d)
+                mean_weight = sum(lin.weight for lin in self.first_linears) / n               # (d, d)
+                mean_bias = sum(lin.bias for lin in self.first_linears) / n                   # (d,)
+            z = image_term + u_term @ mean_weight.T + mean_bias
             return self.final_linear(F.leaky_relu(z, 0.01))
+
+    def stack_first_linears(self, device=None, dtype=torch.float32) -> "Encoder":
+        """`first_linears` replaced by a `StackedLinears` copy on `device` in `dtype` (in place; returns self)."""
+        self.first_linears = StackedLinears(self.first_linears, device, dtype)
+        return self
+
+    def unstack_first_linears(self) -> "Encoder":
+        """Back to the published layout, one `nn.Linear` per token (in place; returns self)."""
+        if isinstance(self.first_linears, StackedLinears):
+            self.first_linears = self.first_linears.unstacked()
+        return self
 
     @torch.no_grad()
     def fold(self, features: ImageFeatures) -> "FoldedEncoder":
         """The encoder for sampling, with frozen heads and one concept image (see FoldedEncoder)."""
         return FoldedEncoder(self, features)
+
+
+class StackedLinears(nn.Module):
+    """The n `first_linears` as a tune trains them: weights one (n, d, d) tensor, biases one (n, d), so their part of
+    the forward is three kernels and of the backward a few, not a few per linear (129 for ViT-H/14). No copy is
+    made: the batched product reads the parameter through a transposed view."""
+
+    def __init__(self, linears: nn.ModuleList, device=None, dtype=torch.float32):
+        super().__init__()
+        with torch.no_grad():
+            weight, bias = torch.stack([lin.weight for lin in linears]), torch.stack([lin.bias for lin in linears])
+        self.weight, self.bias = nn.Parameter(weight.to(device, dtype)), nn.Parameter(bias.to(device, dtype))
+
+    def terms(self, h: torch.Tensor):
+        """mean_i F_i h_i (b|1, d), mean_i F_i (d, d) and mean_i b_i (d,) for h (b|1, n, d)."""
+        return (torch.bmm(h.transpose(0, 1), self.weight.transpose(1, 2)).mean(0), self.weight.mean(0),
+                self.bias.mean(0))
+
+    def unstacked(self) -> nn.ModuleList:
+        """Detached copies in the published layout."""
+        n, out_dim, in_dim = self.weight.shape
+        linears = nn.ModuleList(nn.Linear(in_dim, out_dim, device="meta") for _ in range(n))
+        for lin, w, b in zip(linears, self.weight.detach(), self.bias.detach()):
+            lin.weight, lin.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())
+        return linears
 
 
 class FoldedEncoder(nn.Module):

@@ -140,10 +140,14 @@ def augment(image, mask, resolution: int, generator: torch.Generator):
     return stack[:3], (None if mask is None else stack[3])
 
 
-def trainable_heads(encoder: Encoder, device=None) -> Encoder:
+def trainable_heads(encoder: Encoder, device=None, stacked: bool = False) -> Encoder:
     """A copy of the encoder with fp32 trainable heads on `device`; the frozen ViT backbone is shared,
-    not copied and not moved (image features are computed before training)."""
-    enc = copy.deepcopy(encoder, memo={id(encoder.clip_vision): encoder.clip_vision})
+    not copied and not moved (image features are computed before training). stacked: `first_linears` as one
+    tensor (`StackedLinears`, the tune's layout; `unstack_first_linears` gives the published one back)."""
+    shared = [encoder.clip_vision] + ([encoder.first_linears] if stacked else [])
+    enc = copy.deepcopy(encoder, memo={id(m): m for m in shared})
+    if stacked:
+        enc.stack_first_linears(device)
     for name, module in enc.named_children():
         if name != "clip_vision":
             module.to(device)
@@ -218,7 +222,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     features = ImageFeatures(tokens=features.tokens.detach().clone())
 
     # Trainable copies: heads, offsets (fp32), U-Net weights (fp32 masters or bf16 deltas); the host's stay untouched.
-    enc = trainable_heads(encoder, device)
+    enc = trainable_heads(encoder, device, stacked=True)
     offs = OffsetGroups(offsets, device).requires_grad_(True).train()
     trained = set(_trained_names(unet, cfg.trains))
     compute = (autocast_dtype or torch.float32) if cfg.unet_weights == "delta" else (None if autocast_dtype else torch.float32)
@@ -271,7 +275,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     opt.zero_grad(set_to_none=True)
     del opt                                        # gradients and optimizer state go before the deltas are formed
     delta = weights.delta()
-    enc.requires_grad_(False).eval()
+    enc.unstack_first_linears().requires_grad_(False).eval()
     offs = offs.offsets().requires_grad_(False).eval()
     return TuneResult(encoder=enc, offsets=offs, unet_delta=delta, losses=losses)
 

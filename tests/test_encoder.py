@@ -158,3 +158,47 @@ def test_slot_encoder_equals_encoding_the_whole_sequence(clip, slots, n_layers):
             assert encoder.start == slots[0] and not torch.equal(got[0], got[1])
     assert got.shape == (3, 77, 32)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
+def test_stacked_first_linears_give_the_published_forward_gradients_and_weights(encoder, unet):
+    """The tune's layout of the heads (`StackedLinears`: the n first_linears as one tensor) gives the published
+    forward and every linear's gradient, in a few kernels instead of a few per linear; unstacking gives the
+    published weights back bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from e4t.encoder import StackedLinears
+
+    class Kernels(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Kernels.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    image = torch.rand(1, 3, 48, 40) * 2 - 1
+    with torch.no_grad():
+        maps, feats = _maps(unet, seed=4), encoder.image_features(image)
+        want = reference_encoder(encoder, image, maps)
+    published = copy.deepcopy(encoder).requires_grad_()
+    stacked = copy.deepcopy(encoder).stack_first_linears().requires_grad_()
+    assert isinstance(stacked.first_linears, StackedLinears) and stacked.first_linears.weight.dtype == torch.float32
+    probe = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
+    kernels = []
+    for heads in (published, stacked):
+        Kernels.n = 0
+        with Kernels():
+            out = heads(feats, maps)
+            (out * probe).sum().backward()
+        kernels.append(Kernels.n)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    n = encoder.cfg.n_tokens
+    assert kernels[1] < kernels[0] - 3 * n, kernels
+    for i, lin in enumerate(published.first_linears):
+        for name in ("weight", "bias"):
+            ours, theirs = getattr(stacked.first_linears, name).grad[i], getattr(lin, name).grad
+            assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), (i, name)
+    for (name, p), (_, q) in zip(published.named_parameters(), stacked.named_parameters()):
+        if not name.startswith(("clip_vision.", "first_linears.")):
+            assert float((p.grad - q.grad).abs().max()) <= 1e-5 * float(p.grad.abs().max()), name
+    back = stacked.unstack_first_linears().state_dict()
+    assert list(back) == list(encoder.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in encoder.state_dict().items())

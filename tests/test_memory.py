@@ -55,7 +55,7 @@ def test_tune_estimate_tiny(unet, clip):
     cfg = e4t.TuneConfig(batch_size=4, resolution=64, trains="all")
     est = memory.estimate_tune_peak(unet, cfg, text_model=text, encoder_config=enc_cfg,
                                     clone_norm_inputs=in_place_residuals())
-    heads = e4t.Encoder(enc_cfg).heads()
+    heads = e4t.Encoder(enc_cfg).stack_first_linears().heads()          # the tune's layout: first_linears stacked
     offsets = list(e4t.OffsetGroups(e4t.Offsets(e4t.targets(unet.state_dict()), identity=False)).parameters())
     # the U-Net's fp32 copies in three flat tensors: weights merged with the offsets, linear and conv layers, the rest
     merged = set(e4t.targets(unet.state_dict()))
