@@ -125,23 +125,20 @@ class Encoder(nn.Module):
         return self.unet_feature_embedder(pooled.to(self.final_linear.weight.dtype))
 
     def forward(self, features: ImageFeatures, unet_maps) -> torch.Tensor:
-        """The published forward: z_i = F_i(L [h_i; u]); e = final(leaky(mean_i z_i)), computed as
-        mean_i F_i h_i + (mean_i F_i) u, in the heads' own dtype (autocast off). Per training step the heads cost
-        a few hundred MFLOP, and so no weight-sized copy (a stacked or autocast copy of the 129 F_i, 0.4-0.8 GB
-        for ViT-H) is made or kept for backward: each matmul reads its parameter itself."""
+        """The published forward: z_i = F_i(L [h_i; u]); e = final(leaky(mean_i z_i)), in the heads' own dtype
+        (autocast off). L [h_i; u] is computed as L_h h_i + L_u u, the image half once per image batch. Each F_i reads
+        its parameter itself: no weight-sized copy of the 129 F_i (0.4-0.8 GB for ViT-H) is made or kept for
+        backward; stacked (`StackedLinears`, the fast tune's layout) they run as one batched product."""
         d = self.cfg.vit_width
         with _autocast_off(self.final_linear.weight.device):
             u = self.embed_unet(unet_maps)                                                # (b, d)
             u_term = u @ self.feature_linear.weight[:, d:].T + self.feature_linear.bias   # (b, d)
             h = features.tokens.to(u.dtype) @ self.feature_linear.weight[:, :d].T         # (b|1, n, d)
+            x = h + u_term[:, None]                                                       # (b, n, d): L [h_i; u]
             if isinstance(self.first_linears, StackedLinears):
-                image_term, mean_weight, mean_bias = self.first_linears.terms(h)
+                z = self.first_linears(x)
             else:
-                n = len(self.first_linears)
-                image_term = sum(h[:, i] @ lin.weight.T for i, lin in enumerate(self.first_linears)) / n  # (b|1, d)
-                mean_weight = sum(lin.weight for lin in self.first_linears) / n               # (d, d)
-                mean_bias = sum(lin.bias for lin in self.first_linears) / n                   # (d,)
-            z = image_term + u_term @ mean_weight.T + mean_bias
+                z = sum(lin(x[:, i]) for i, lin in enumerate(self.first_linears)) / len(self.first_linears)
             return self.final_linear(F.leaky_relu(z, 0.01))
 
     def stack_first_linears(self, device=None, dtype=torch.float32) -> "Encoder":
@@ -162,9 +159,10 @@ class Encoder(nn.Module):
 
 
 class StackedLinears(nn.Module):
-    """The n `first_linears` as a tune trains them: weights one (n, d, d) tensor, biases one (n, d), so their part of
-    the forward is three kernels and of the backward a few, not a few per linear (129 for ViT-H/14). No copy is
-    made: the batched product reads the parameter through a transposed view."""
+    """The n `first_linears` as the fast tune trains them: weights one (n, d, d) tensor, biases one (n, d), so their
+    part of the forward is a few kernels and of the backward a few, not a few per linear (129 for ViT-H/14). No copy
+    is made (the batched product reads the parameter through a transposed view), but backward forms the weights'
+    gradient whole: the lean tune, which steps each gradient as it comes, keeps the published layout."""
 
     def __init__(self, linears: nn.ModuleList, device=None, dtype=torch.float32):
         super().__init__()
@@ -172,10 +170,9 @@ class StackedLinears(nn.Module):
             weight, bias = torch.stack([lin.weight for lin in linears]), torch.stack([lin.bias for lin in linears])
         self.weight, self.bias = nn.Parameter(weight.to(device, dtype)), nn.Parameter(bias.to(device, dtype))
 
-    def terms(self, h: torch.Tensor):
-        """mean_i F_i h_i (b|1, d), mean_i F_i (d, d) and mean_i b_i (d,) for h (b|1, n, d)."""
-        return (torch.bmm(h.transpose(0, 1), self.weight.transpose(1, 2)).mean(0), self.weight.mean(0),
-                self.bias.mean(0))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """mean_i (F_i x_i + b_i): x (b, n, d) -> (b, d)."""
+        return torch.bmm(x.transpose(0, 1), self.weight.transpose(1, 2)).mean(0) + self.bias.mean(0)
 
     def unstacked(self) -> nn.ModuleList:
         """Detached copies in the published layout."""

@@ -222,7 +222,7 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     features = ImageFeatures(tokens=features.tokens.detach().clone())
 
     # Trainable copies: heads, offsets (fp32), U-Net weights (fp32 masters or bf16 deltas); the host's stay untouched.
-    enc = trainable_heads(encoder, device, stacked=True)
+    enc = trainable_heads(encoder, device, stacked=not cfg.fused_step)    # whole gradients: only where all are kept
     offs = OffsetGroups(offsets, device).requires_grad_(True).train()
     trained = set(_trained_names(unet, cfg.trains))
     compute = (autocast_dtype or torch.float32) if cfg.unet_weights == "delta" else (None if autocast_dtype else torch.float32)
