@@ -3,6 +3,7 @@
     python benchmarks/memory.py                                  # fast / low_vram x all / attention
     python benchmarks/memory.py --tunes low_vram:all --config checkpointing=True,accumulation=16
     python benchmarks/memory.py --tiny                           # tiny models, seconds
+    python benchmarks/memory.py --ops                            # and operations / kernels per step, full size
 
 Models are those of benchmarks/bench.py (ComfyUI's own classes: SD1.5 U-Net and CLIP-L text in fp16 as
 ComfyUI loads them on a GPU, SDPA attention as on the H100 runs), built on fake tensors: no weights in
@@ -25,6 +26,7 @@ import e4t  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from e4t import memory  # noqa: E402
 from e4t_standalone import comfy_models  # noqa: E402
+import bench  # noqa: E402
 
 # torch.cuda.max_memory_allocated of bench.py's 2-step tune, batch 16, 512 px, bf16 autocast, H100
 # (BENCHMARKS.md, 2026-11-23). The low_vram figures of that day (22.89 / 15.09 GiB) were of the previous low_vram
@@ -65,6 +67,9 @@ def main():
     p.add_argument("--autocast", choices=["bf16", "fp16", "none"], default="bf16")
     p.add_argument("--weights", choices=["fp16", "fp32"], default="fp16",
                    help="the host's U-Net and text weights (fp32: ComfyUI on a CPU)")
+    p.add_argument("--ops", action="store_true",
+                   help="also count the operations a step dispatches, and those not views (about one GPU kernel "
+                        "each): the same tune run for 1 and 2 steps, the difference")
     args = p.parse_args()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     res = args.resolution or (64 if args.tiny else 512)
@@ -79,16 +84,22 @@ def main():
     print(f"ComfyUI {comfy_models.comfy_root()}; fake models built in {built:.1f} s")
     print(f"command: python benchmarks/memory.py {' '.join(sys.argv[1:])}\n")
     heads = [memory.DESCRIPTIONS[k] for k in memory.CATEGORIES]
-    print("| mode | trains | extra | estimate | H100 measured | error | " + " | ".join(heads) + " | CPU time |")
-    print("|---|---|---|---|---|---|" + "---|" * len(heads) + "---|")
+    ops_heads = " ops per step | kernels per step |" if args.ops else ""
+    print("| mode | trains | extra | estimate | H100 measured | error | " + " | ".join(heads) + " | CPU time |" + ops_heads)
+    print("|---|---|---|---|---|---|" + "---|" * len(heads) + "---|" + "---|---|" * args.ops)
     for pair in args.tunes.split(","):
         mode, trains = pair.split(":")
         for extra in extras:
             cfg = e4t.TuneConfig(batch_size=args.batch, resolution=res, lr=1e-5,
                                  trains=trains, **{**e4t.memory_settings(mode), **extra})
-            est = memory.estimate_tune_peak(unet, cfg, text_model=text, autocast_dtype=autocast, weight_dtype=weights,
-                                            clone_norm_inputs=comfy_models.in_place_residuals(),
-                                            encoder_config=tm.tiny_encoder_config() if args.tiny else None)
+            counted = []
+            for steps in (1, 2) if args.ops else (2,):
+                with bench.OpCounter() as counter:
+                    est = memory.estimate_tune_peak(
+                        unet, cfg, text_model=text, autocast_dtype=autocast, weight_dtype=weights, steps=steps,
+                        clone_norm_inputs=comfy_models.in_place_residuals(),
+                        encoder_config=tm.tiny_encoder_config() if args.tiny else None)
+                counted.append((counter.count, counter.kernels))
             gib = est.peak / 2**30
             measured = None if args.tiny or extra or args.batch != 16 or res != 512 or args.autocast != "bf16" \
                 else MEASURED_H100.get((mode, trains))
@@ -96,6 +107,8 @@ def main():
                      "-" if measured is None else f"{measured:.2f} GiB",
                      "-" if measured is None else f"{(gib - measured) / measured * 100:+.1f} %"]
             cells += [f"{est.breakdown[k] / 2**30:.2f}" for k in memory.CATEGORIES] + [f"{est.seconds:.0f} s"]
+            if args.ops:
+                cells += [str(counted[1][0] - counted[0][0]), str(counted[1][1] - counted[0][1])]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 
