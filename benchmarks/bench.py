@@ -16,7 +16,6 @@ import time
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,6 +23,7 @@ sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
 import conftest  # noqa: E402,F401  (imports the engine as `e4t` without shadowing ComfyUI's `nodes`)
 import e4t  # noqa: E402
 import tiny_models as tm  # noqa: E402
+from dispatch_count import Dispatched  # noqa: E402
 from e4t_standalone import comfy_models  # noqa: E402
 
 
@@ -60,26 +60,12 @@ def flops(fn):
     return counter.get_total_flops()
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched below autograd: on a GPU each costs the CPU a dispatch, and each
-    that is not a view (`kernels`) about one kernel launch, so the counts show launch-bound progress on a machine
-    without one."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = self.kernels = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        self.kernels += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
 def ops(fn, kernels=False):
-    """Operations `fn` dispatches (kernels=True: those that are not views)."""
-    with OpCounter() as counter:
+    """Aten operations `fn` dispatches below autograd: on a GPU each costs the CPU a dispatch, and each that is not a
+    view (kernels=True) about one kernel launch, so the counts show launch-bound progress without a GPU."""
+    with Dispatched() as counted:
         fn()
-    return counter.kernels if kernels else counter.count
+    return counted.kernels if kernels else counted.ops
 
 
 def a1111_hooks():
@@ -554,9 +540,9 @@ def op_counts(s, device, args):
         for precision in (None, torch.bfloat16):                 # as on this device; under bf16 autocast as on a GPU
             counted = []
             for k in (1, 2):
-                with OpCounter() as counter:
+                with Dispatched() as counter:
                     s.tune(k, args.batch, memory, trains, precision=precision)
-                counted.append((counter.count, counter.kernels))
+                counted.append((counter.ops, counter.kernels))
             (all_1, kernels_1), (all_2, kernels_2) = counted
             rows.append((f"ops: tune step, batch {args.batch}, {memory}, trains {trains}, "
                          f"{'bf16 autocast' if precision else 'as on ' + device.type}", f"{all_2 - all_1} per step",

@@ -26,7 +26,7 @@ import e4t  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from e4t import memory  # noqa: E402
 from e4t_standalone import comfy_models  # noqa: E402
-import bench  # noqa: E402
+from dispatch_count import Dispatched  # noqa: E402
 
 # torch.cuda.max_memory_allocated of bench.py's 2-step tune, batch 16, 512 px, bf16 autocast, H100
 # (BENCHMARKS.md, 2026-11-23). The low_vram figures of that day (22.89 / 15.09 GiB) were of the previous low_vram
@@ -94,12 +94,12 @@ def main():
                                  trains=trains, **{**e4t.memory_settings(mode), **extra})
             counted = []
             for steps in (1, 2) if args.ops else (2,):
-                with bench.OpCounter() as counter:
+                with Dispatched() as counter:
                     est = memory.estimate_tune_peak(
                         unet, cfg, text_model=text, autocast_dtype=autocast, weight_dtype=weights, steps=steps,
                         clone_norm_inputs=comfy_models.in_place_residuals(),
                         encoder_config=tm.tiny_encoder_config() if args.tiny else None)
-                counted.append((counter.count, counter.kernels))
+                counted.append((counter.ops, counter.kernels))
             gib = est.peak / 2**30
             measured = None if args.tiny or extra or args.batch != 16 or res != 512 or args.autocast != "bf16" \
                 else MEASURED_H100.get((mode, trains))

@@ -164,15 +164,8 @@ def test_stacked_first_linears_give_the_published_forward_gradients_and_weights(
     """The tune's layout of the heads (`StackedLinears`: the n first_linears as one tensor) gives the published
     forward and every linear's gradient, in a few kernels instead of a few per linear; unstacking gives the
     published weights back bit for bit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from dispatch_count import Dispatched
     from e4t.encoder import StackedLinears
-
-    class Kernels(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Kernels.n += not func.is_view
-            return func(*args, **(kwargs or {}))
 
     image = torch.rand(1, 3, 48, 40) * 2 - 1
     with torch.no_grad():
@@ -184,11 +177,10 @@ def test_stacked_first_linears_give_the_published_forward_gradients_and_weights(
     probe = torch.randn(want.shape, generator=torch.Generator().manual_seed(5))
     kernels = []
     for heads in (published, stacked):
-        Kernels.n = 0
-        with Kernels():
+        with Dispatched() as counted:
             out = heads(feats, maps)
             (out * probe).sum().backward()
-        kernels.append(Kernels.n)
+        kernels.append(counted.kernels)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
     n = encoder.cfg.n_tokens
     assert kernels[1] < kernels[0] - 3 * n, kernels

@@ -139,20 +139,12 @@ def test_offset_groups_give_each_offsets_delta_gradients_and_parameters(unet):
 def test_a_groups_delta_dispatches_the_same_operations_however_many_offsets_it_holds():
     """ΔW of a group is a fixed number of kernels forward and backward (the tune step is launch-bound on a GPU);
     in the file layout the count grows with every offset."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
+    from dispatch_count import Dispatched
 
     def ops(layout):
-        Count.n = 0
-        with Count():
+        with Dispatched() as counted:
             sum(delta.sum() for _, delta in layout.grouped()).backward()
-        return Count.n
+        return counted.ops
     few, many = ({f"b.{i}.transformer_blocks.0.attn1.to_q.weight": (6, 4) for i in range(n)} for n in (2, 6))
     assert ops(OffsetGroups(_random_offsets(few))) == ops(OffsetGroups(_random_offsets(many)))
     assert ops(_random_offsets(many)) > ops(_random_offsets(few)) + 4 * 9

@@ -379,39 +379,54 @@ def test_precision_policy():
         assert e4t.training_precision("cuda").autocast == want
 
 
+class OneStep:
+    """One objective step (`e4t.training.Objective`) on a fixed batch and a structural clone of the tiny U-Net, with
+    the offsets' and U-Net weights' layouts under test."""
+
+    def __init__(self, model, clip, vae, encoder, seed):
+        from e4t.training import structural_clone
+        self.unet, self.offsets, image, self.kw = setup(model, clip, vae, encoder)
+        self.encoder, self.work = encoder, structural_clone(self.unet)
+        self.trained = {n for n, _ in self.work.named_parameters()}
+        g = torch.Generator().manual_seed(seed)
+        self.x0, self.noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+        self.t = torch.randint(0, 1000, (2,), generator=g)
+        with torch.no_grad():
+            self.tokens = encoder.image_features(image[None]).tokens
+
+    def __call__(self, offsets, weights, autocast_dtype=None):
+        """(loss, the trainable heads) after one step's backward."""
+        from e4t.training import Objective, training_mode
+        from e4t.tune import trainable_heads
+        heads, kw = trainable_heads(self.encoder), self.kw
+        with training_mode(self.work, True):
+            objective = Objective(self.work, heads, offsets, weights, kw["text_encode"], kw["e_domain"],
+                                  kw["empty_context"], kw["alphas_cumprod"], 0.1, "eps", 1e-4,
+                                  autocast_dtype=autocast_dtype)
+            return objective.backward(self.tokens, self.x0, self.noise, self.t, [f"a photo of {PLACEHOLDER}"] * 2), heads
+
+
 def test_offsets_stacked_by_shape_give_the_per_offset_step(model, clip, vae, encoder):
     """The tune trains the offsets stacked by weight shape (`OffsetGroups`, W' of all targets in a few kernels); one
     objective step with them gives the loss and the gradients of heads, offsets and U-Net that the file layout
     (`Offsets`, one merge per target, as pre-training keeps them) gives."""
     import copy
-    from e4t.training import Objective, UNetWeights, structural_clone, training_mode
-    from e4t.tune import trainable_heads
-    unet, offsets, image, kw = setup(model, clip, vae, encoder)
-    work = structural_clone(unet)
-    g = torch.Generator().manual_seed(1)
-    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([100, 700])
-    with torch.no_grad():
-        tokens = encoder.image_features(image[None]).tokens
-    found = []
-    with training_mode(work, True):
-        for layout in (copy.deepcopy(offsets).float().requires_grad_(), e4t.OffsetGroups(offsets).requires_grad_()):
-            heads = trainable_heads(encoder)
-            weights = UNetWeights(work, {n for n, _ in work.named_parameters()}, "master")
-            objective = Objective(work, heads, layout, weights, kw["text_encode"], kw["e_domain"], kw["empty_context"],
-                                  kw["alphas_cumprod"], 0.1, "eps", 1e-4)
-            loss = objective.backward(tokens, x0, noise, t, [f"a photo of {PLACEHOLDER}"] * 2)
-            offs = layout if isinstance(layout, Offsets) else None
-            grads = {f"heads.{n}": p.grad for n, p in heads.named_parameters() if p.requires_grad}
-            grads.update({f"unet.{n}": w.grad for n, w in zip(weights.trained, weights.trainable())})
-            if offs is not None:
-                grads.update({f"offsets.{k}.{n}": offs[k].get_parameter(n).grad for k in offs.targets
-                              for n, _ in offs[k].named_parameters()})
-            else:
-                grads.update({f"offsets.{k}.{n}": stack[n.replace('.', '_')].grad[i]
-                              for keys, stack in zip(layout.keys, layout.stacks) for i, k in enumerate(keys)
-                              for n in e4t.offsets.PARAMS})
-            found.append((loss, grads))
+    from e4t.training import UNetWeights
+    step = OneStep(model, clip, vae, encoder, seed=1)
+    offsets, found = step.offsets, []
+    for layout in (copy.deepcopy(offsets).float().requires_grad_(), e4t.OffsetGroups(offsets).requires_grad_()):
+        weights = UNetWeights(step.work, step.trained, "master")
+        loss, heads = step(layout, weights)
+        grads = {f"heads.{n}": p.grad for n, p in heads.named_parameters() if p.requires_grad}
+        grads.update({f"unet.{n}": w.grad for n, w in zip(weights.trained, weights.trainable())})
+        if isinstance(layout, Offsets):
+            grads.update({f"offsets.{k}.{n}": layout[k].get_parameter(n).grad for k in layout.targets
+                          for n, _ in layout[k].named_parameters()})
+        else:
+            grads.update({f"offsets.{k}.{n}": stack[n.replace('.', '_')].grad[i]
+                          for keys, stack in zip(layout.keys, layout.stacks) for i, k in enumerate(keys)
+                          for n in e4t.offsets.PARAMS})
+        found.append((loss, grads))
     (loss_a, a), (loss_b, b) = found
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert set(a) == set(b) and sum(k.startswith("offsets.") for k in a) == 9 * len(offsets.targets)
@@ -429,9 +444,8 @@ def test_master_weights_in_flat_tensors_give_the_per_weight_step_with_fewer_kern
     tensors: the layers' weights are cast once per step, not once per weight, and their gradients gathered in one
     kernel. One objective step gives the loss and, bit for bit, the gradients of one fp32 leaf per weight cast by
     autocast where it is used (the layout before, written out here), with fewer kernel-launching operations."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from e4t.training import Objective, UNetWeights, structural_clone, training_mode
-    from e4t.tune import trainable_heads
+    from dispatch_count import Dispatched
+    from e4t.training import UNetWeights
 
     class PerWeight(UNetWeights):
         def __init__(self, unet, trained):
@@ -442,44 +456,25 @@ def test_master_weights_in_flat_tensors_give_the_per_weight_step_with_fewer_kern
         def trainable(self):
             return [self.tensors[n] for n in self.trained]
 
-    class Kernels(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Kernels.n += not func.is_view
-            return func(*args, **(kwargs or {}))
-
-    unet, offsets, image, kw = setup(model, clip, vae, encoder)
-    work = structural_clone(unet)
-    g = torch.Generator().manual_seed(2)
-    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([300, 900])
-    with torch.no_grad():
-        tokens = encoder.image_features(image[None]).tokens
-    trained = {n for n, _ in work.named_parameters()}
+    step = OneStep(model, clip, vae, encoder, seed=2)
     found = []
-    with training_mode(work, True):
-        for weights in (PerWeight(work, trained),
-                        UNetWeights(work, trained, "master", cast=torch.bfloat16, merged=set(offsets.targets))):
-            objective = Objective(work, trainable_heads(encoder), e4t.OffsetGroups(offsets).requires_grad_(), weights,
-                                  kw["text_encode"], kw["e_domain"], kw["empty_context"], kw["alphas_cumprod"], 0.1,
-                                  "eps", 1e-4, autocast_dtype=torch.bfloat16)
-            Kernels.n = 0
-            with Kernels():
-                loss = objective.backward(tokens, x0, noise, t, [f"a photo of {PLACEHOLDER}"] * 2)
-            grads = [p.grad for p in weights.trainable()]
-            if len(grads) < len(trained):                       # flat: back to one gradient per weight
-                grads = [part for (names, _, _), flat in zip(weights.segments, grads)
-                         for part in flat.split([weights.base[n].numel() for n in names])]
-                names = [n for names, _, _ in weights.segments for n in names]
-            else:
-                grads, names = [q.reshape(-1) for q in grads], weights.trained
-            found.append((loss, dict(zip(names, grads)), Kernels.n))
+    for weights in (PerWeight(step.work, step.trained),
+                    UNetWeights(step.work, step.trained, "master", cast=torch.bfloat16, merged=set(step.offsets.targets))):
+        with Dispatched() as counted:
+            loss, _ = step(e4t.OffsetGroups(step.offsets).requires_grad_(), weights, autocast_dtype=torch.bfloat16)
+        grads = [p.grad for p in weights.trainable()]
+        if len(grads) < len(step.trained):                  # flat: back to one gradient per weight
+            grads = [part for (names, _, _), flat in zip(weights.segments, grads)
+                     for part in flat.split([weights.base[n].numel() for n in names])]
+            names = [n for names, _, _ in weights.segments for n in names]
+        else:
+            grads, names = [q.reshape(-1) for q in grads], weights.trained
+        found.append((loss, dict(zip(names, grads)), counted.kernels))
     (loss_a, a, kernels_a), (loss_b, b, kernels_b) = found
     assert loss_a == loss_b and set(a) == set(b)
     for n in a:
         assert torch.equal(a[n], b[n]), n
-    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in work.modules())
+    layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in step.work.modules())
     assert kernels_b < kernels_a - layers, (kernels_a, kernels_b, layers)
 
 
@@ -487,27 +482,17 @@ def test_merging_in_pieces_gives_the_same_step(model, clip, vae, encoder, monkey
     """W' of a weight shape is merged MERGE_CHUNK elements at a time (SD1.5's largest shape in pieces, to bound the
     merge's temporaries); pieces of one weight each give the same loss and gradients, bit for bit."""
     from e4t import training
-    from e4t.training import Objective, UNetWeights, structural_clone, training_mode
-    from e4t.tune import trainable_heads
-    unet, offsets, image, kw = setup(model, clip, vae, encoder)
-    work = structural_clone(unet)
-    g = torch.Generator().manual_seed(3)
-    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    with torch.no_grad():
-        tokens = encoder.image_features(image[None]).tokens
-    trained = {n for n, _ in work.named_parameters()}
+    from e4t.training import UNetWeights
+    step = OneStep(model, clip, vae, encoder, seed=3)
     found = []
-    with training_mode(work, True):
-        for chunk in (training.MERGE_CHUNK, 1):
-            monkeypatch.setattr(training, "MERGE_CHUNK", chunk)
-            layout = e4t.OffsetGroups(offsets).requires_grad_()
-            weights = UNetWeights(work, trained, "master", merged=set(offsets.targets))
-            calls = []
-            monkeypatch.setattr(training, "merge", lambda w, d, *a: calls.append(len(w)) or e4t.merge(w, d, *a))
-            loss = Objective(work, trainable_heads(encoder), layout, weights, kw["text_encode"], kw["e_domain"],
-                             kw["empty_context"], kw["alphas_cumprod"], 0.1, "eps", 1e-4).backward(
-                tokens, x0, noise, torch.tensor([200, 800]), [f"a photo of {PLACEHOLDER}"] * 2)
-            found.append((loss, [p.grad for p in list(layout.parameters()) + weights.trainable()], calls))
+    for chunk in (training.MERGE_CHUNK, 1):
+        monkeypatch.setattr(training, "MERGE_CHUNK", chunk)
+        layout = e4t.OffsetGroups(step.offsets).requires_grad_()
+        weights = UNetWeights(step.work, step.trained, "master", merged=set(step.offsets.targets))
+        calls = []
+        monkeypatch.setattr(training, "merge", lambda w, d, *a: calls.append(len(w)) or e4t.merge(w, d, *a))
+        loss, _ = step(layout, weights)
+        found.append((loss, [p.grad for p in list(layout.parameters()) + weights.trainable()], calls))
     (loss_a, a, calls_a), (loss_b, b, calls_b) = found
-    assert len(calls_a) == len(layout.keys) and calls_b == [1] * len(offsets.targets)
+    assert len(calls_a) == len(layout.keys) and calls_b == [1] * len(step.offsets.targets)
     assert loss_a == loss_b and all(torch.equal(x, y) for x, y in zip(a, b))
