@@ -40,8 +40,8 @@ class Offset(nn.Module):
 
 def grouped_deltas(offsets: list) -> torch.Tensor:
     """ΔW of g offsets of one shape, stacked (g, out, in). The vector work and the final outer products
-    run once per group, not per offset: fewer kernels (the tuning step is launch-bound). The matrices stay
-    where they are (no stacked copy of them: this runs once per load, on the host's memory)."""
+    run once per group, not per offset: fewer kernels. The matrices stay where they are, with no stacked copy
+    (sampling runs this once per load, on memory the host counts); a tune trains `OffsetGroups` instead."""
     def stacked(get):
         return torch.stack([get(o) for o in offsets])
     v = stacked(lambda o: o.v)                                                     # (g, 1)

@@ -152,7 +152,6 @@ class UNetWeights:
                                  ([n for n in self.trained if n not in merged and n not in layers], None)):
                 if names:
                     self.segments.append((names, self._flat(names), dtype))
-            self.begin()
         else:
             self.deltas = {n: torch.zeros_like(self.base[n], dtype=torch.bfloat16).requires_grad_() for n in trained}
 
@@ -166,7 +165,8 @@ class UNetWeights:
 
     def begin(self):
         """This step's tensors (master copies): views of each flat tensor in one split, the layers' cast once.
-        Call before each forward whose backward is separate (each micro-batch)."""
+        Call before each forward whose backward is separate (each micro-batch); the trained names have no tensor
+        before the first call."""
         for names, flat, dtype in self.segments:
             source = flat if dtype is None or dtype == flat.dtype else flat.to(dtype)
             parts = source.split([self.base[n].numel() for n in names])

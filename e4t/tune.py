@@ -143,7 +143,7 @@ def augment(image, mask, resolution: int, generator: torch.Generator):
 def trainable_heads(encoder: Encoder, device=None, stacked: bool = False) -> Encoder:
     """A copy of the encoder with fp32 trainable heads on `device`; the frozen ViT backbone is shared,
     not copied and not moved (image features are computed before training). stacked: `first_linears` as one
-    tensor (`StackedLinears`, the tune's layout; `unstack_first_linears` gives the published one back)."""
+    tensor (`StackedLinears`, the fast tune's layout; `unstack_first_linears` gives the published one back)."""
     shared = [encoder.clip_vision] + ([encoder.first_linears] if stacked else [])
     enc = copy.deepcopy(encoder, memo={id(m): m for m in shared})
     if stacked:
