@@ -23,7 +23,7 @@ sys.path.append(os.path.join(os.path.dirname(HERE), "tests"))
 import conftest  # noqa: E402,F401  (imports the engine as `e4t` without shadowing ComfyUI's `nodes`)
 import e4t  # noqa: E402
 import tiny_models as tm  # noqa: E402
-from dispatch_count import Dispatched  # noqa: E402
+from dispatch_count import Dispatched, per_step  # noqa: E402
 from e4t_standalone import comfy_models  # noqa: E402
 
 
@@ -60,12 +60,11 @@ def flops(fn):
     return counter.get_total_flops()
 
 
-def ops(fn, kernels=False):
-    """Aten operations `fn` dispatches below autograd: on a GPU each costs the CPU a dispatch, and each that is not a
-    view (kernels=True) about one kernel launch, so the counts show launch-bound progress without a GPU."""
+def ops(fn):
+    """Aten operations `fn` dispatches below autograd (see tests/dispatch_count.py)."""
     with Dispatched() as counted:
         fn()
-    return counted.kernels if kernels else counted.ops
+    return counted.ops
 
 
 def a1111_hooks():
@@ -538,15 +537,10 @@ def op_counts(s, device, args):
     with s.e4t_weights_on_cpu():
         memory, trains = args.tunes[0]
         for precision in (None, torch.bfloat16):                 # as on this device; under bf16 autocast as on a GPU
-            counted = []
-            for k in (1, 2):
-                with Dispatched() as counter:
-                    s.tune(k, args.batch, memory, trains, precision=precision)
-                counted.append((counter.ops, counter.kernels))
-            (all_1, kernels_1), (all_2, kernels_2) = counted
+            step_ops, step_kernels = per_step(lambda k: s.tune(k, args.batch, memory, trains, precision=precision))
             rows.append((f"ops: tune step, batch {args.batch}, {memory}, trains {trains}, "
-                         f"{'bf16 autocast' if precision else 'as on ' + device.type}", f"{all_2 - all_1} per step",
-                         f"{kernels_2 - kernels_1} not views (≈ kernels)", f"setup + 1 step {all_1}", ""))
+                         f"{'bf16 autocast' if precision else 'as on ' + device.type}", f"{step_ops} per step",
+                         f"{step_kernels} not views (≈ kernels)", "", ""))
     return rows
 
 

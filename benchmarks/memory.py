@@ -26,7 +26,7 @@ import e4t  # noqa: E402
 import tiny_models as tm  # noqa: E402
 from e4t import memory  # noqa: E402
 from e4t_standalone import comfy_models  # noqa: E402
-from dispatch_count import Dispatched  # noqa: E402
+from dispatch_count import per_step  # noqa: E402
 
 # torch.cuda.max_memory_allocated of bench.py's 2-step tune, batch 16, 512 px, bf16 autocast, H100
 # (BENCHMARKS.md, 2026-11-23). The low_vram figures of that day (22.89 / 15.09 GiB) were of the previous low_vram
@@ -92,14 +92,18 @@ def main():
         for extra in extras:
             cfg = e4t.TuneConfig(batch_size=args.batch, resolution=res, lr=1e-5,
                                  trains=trains, **{**e4t.memory_settings(mode), **extra})
-            counted = []
-            for steps in (1, 2) if args.ops else (2,):
-                with Dispatched() as counter:
-                    est = memory.estimate_tune_peak(
-                        unet, cfg, text_model=text, autocast_dtype=autocast, weight_dtype=weights, steps=steps,
-                        clone_norm_inputs=comfy_models.in_place_residuals(),
-                        encoder_config=tm.tiny_encoder_config() if args.tiny else None)
-                counted.append((counter.ops, counter.kernels))
+            found = {}
+
+            def estimate(steps=2):
+                found[steps] = memory.estimate_tune_peak(
+                    unet, cfg, text_model=text, autocast_dtype=autocast, weight_dtype=weights, steps=steps,
+                    clone_norm_inputs=comfy_models.in_place_residuals(),
+                    encoder_config=tm.tiny_encoder_config() if args.tiny else None)
+            if args.ops:
+                step_counts = per_step(estimate)                 # runs the 2-step estimate too
+            else:
+                estimate()
+            est = found[2]
             gib = est.peak / 2**30
             measured = None if args.tiny or extra or args.batch != 16 or res != 512 or args.autocast != "bf16" \
                 else MEASURED_H100.get((mode, trains))
@@ -108,7 +112,7 @@ def main():
                      "-" if measured is None else f"{(gib - measured) / measured * 100:+.1f} %"]
             cells += [f"{est.breakdown[k] / 2**30:.2f}" for k in memory.CATEGORIES] + [f"{est.seconds:.0f} s"]
             if args.ops:
-                cells += [str(counted[1][0] - counted[0][0]), str(counted[1][1] - counted[0][1])]
+                cells += [str(n) for n in step_counts]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -12,3 +12,13 @@ class Dispatched(TorchDispatchMode):
         self.ops += 1
         self.kernels += not func.is_view
         return func(*args, **(kwargs or {}))
+
+
+def per_step(run) -> tuple:
+    """(operations, kernels) one more step adds: `run(steps)` dispatches for 2 steps less for 1 (setup cancels)."""
+    counted = []
+    for steps in (1, 2):
+        with Dispatched() as counter:
+            run(steps)
+        counted.append((counter.ops, counter.kernels))
+    return counted[1][0] - counted[0][0], counted[1][1] - counted[0][1]
