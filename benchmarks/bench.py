@@ -67,6 +67,13 @@ def ops(fn):
     return counted.ops
 
 
+def kernels(fn):
+    """Dispatched operations that are not views: about one GPU kernel launch each."""
+    with Dispatched() as counted:
+        fn()
+    return counted.kernels
+
+
 def a1111_hooks():
     """The A1111 extension's weight hooks (pure torch), imported by path like the tests do."""
     import importlib.util
@@ -84,9 +91,12 @@ class Setup:
     """The models a host holds on `device`: U-Net and text encoder in the dtype ComfyUI loads SD1.5 in on a
     GPU (fp16), the E4T encoder with its ViT-H backbone; the concept image's features computed once."""
 
-    def __init__(self, tiny, device, dtype, channels_last=False):
+    def __init__(self, tiny, device, dtype, channels_last=False, sdpa=False):
         self.device, self.dtype = device, dtype
         comfy_models.import_comfy(cpu=device.type != "cuda")
+        if sdpa:                                  # ComfyUI's attention on a GPU, also on the CPU
+            from comfy.ldm.modules import attention
+            attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
         weights = torch.float16 if device.type == "cuda" else torch.float32
         self.model = comfy_models.tiny_model(unet_config=tm.TINY_UNET if tiny else tm.SD15_UNET, device=str(device),
                                              dtype=weights)
@@ -192,7 +202,7 @@ def bench(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.parts == ["text"]:
         return text_timing(args)
-    s = Setup(args.tiny, device, dtype, args.channels_last)
+    s = Setup(args.tiny, device, dtype, args.channels_last, args.sdpa)
     s.res = args.resolution or s.res
     rows = []
     if "tune" in args.parts:
@@ -516,6 +526,24 @@ def op_counts(s, device, args):
                      f"E4T {o_plain + o_feat + o_text} (feature pass + heads {o_feat}, text {o_text})",
                      f"ratio {(o_plain + o_feat + o_text) / o_plain:.2f}x", "before (ComfyUI's own text encoding) "
                      f"{o_plain + o_feat + ops(host)}"))
+
+        refinement = e4t.Refinement(folded, s.e_domain, s.empty, 0.1)
+
+        def shared():                      # as both hosts run CFG with an empty negative prompt (`KnownRows`)
+            refinement.reset()
+            maps = e4t.unet_features(s.unet, x, t, s.empty)
+            w = refinement(s.unet, x, t, maps=maps)
+            cond = s.slot_encoder(w).to(empty)
+            known = e4t.KnownRows.down_path(s.unet, maps, 2 * n, slice(0, n)).install()
+            try:
+                s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
+            finally:
+                known.remove()
+        k_plain, k_shared = kernels(plain), kernels(shared)
+        k_feat, k_text = kernels(feature), kernels(slot)
+        rows.append((f"kernels: sampling step, {n} image(s), CFG, empty negative", f"plain U-Net {k_plain}",
+                     f"E4T, shared pass {k_shared} (feature pass + heads {k_feat}, text {k_text})",
+                     f"ratio **{k_shared / k_plain:.2f}x**", "launch-bound GPUs: time ratio ≈ kernel ratio"))
         # the A1111 extension's hooks with a concept that trains every U-Net weight
         hooks = a1111_hooks()
         g = torch.Generator().manual_seed(0)
@@ -534,6 +562,8 @@ def op_counts(s, device, args):
         rows.append(("ops: A1111 U-Net call (CFG) with a trains-all concept", f"no E4T {o_plain}",
                      f"each layer once with W' {counted['merged']}",
                      f"before (host's layer + layer(x; W' - W)) {counted['added']}", f"{len(h.parts)} changed modules"))
+    if not args.tiny:                  # a full-size tune on real tensors: `benchmarks/memory.py --ops` counts it
+        return rows
     with s.e4t_weights_on_cpu():
         memory, trains = args.tunes[0]
         for precision in (None, torch.bfloat16):                 # as on this device; under bf16 autocast as on a GPU
@@ -576,6 +606,7 @@ def main():
     p.add_argument("--tunes", default="fast:all,low_vram:all,low_vram:attention",
                    help="comma-separated memory:trains pairs to time (memory: fast, low_vram; trains: all, attention)")
     p.add_argument("--channels-last", action="store_true", help="U-Net weights in channels-last memory format")
+    p.add_argument("--sdpa", action="store_true", help="ComfyUI's attention on a GPU (SDPA) on any device")
     p.add_argument("--sample-batch", default="1", help="comma-separated images per prompt for the sampling rows")
     args = p.parse_args()
     args.tunes = [tuple(pair.split(":")) for pair in args.tunes.split(",")]
