@@ -122,11 +122,14 @@ def _units(unet: nn.Module) -> dict:
 class UNetWeights:
     """The U-Net weights of a training step. Frozen names run on the host's tensors. Trained names:
 
-    - "master": fp32 trainable copies of the host's weights (16 bytes per parameter with AdamW and its gradients),
-      held in three flat tensors (the weights merged with offsets; those of linear and conv layers; the rest, e.g.
-      norms), of which the U-Net's tensors are views made once per step (`begin`). So a step casts the layers'
-      weights for autocast in one kernel (`cast`), not one per weight, backward gathers their gradients in one, and
-      the optimizer and gradient clipping see three tensors, not hundreds; each weight's maths is unchanged;
+    - "master": fp32 trainable copies of the host's weights (16 bytes per parameter with AdamW and its gradients).
+      `flat`: held in three flat tensors (the weights merged with offsets; those of linear and conv layers; the
+      rest, e.g. norms), of which the U-Net's tensors are views made once per step (`begin`). So a step casts the
+      layers' weights for autocast in one kernel (`cast`), not one per weight, backward gathers their gradients in
+      one, and the optimizer and gradient clipping see three tensors, not hundreds; each weight's maths is
+      unchanged. That costs memory wherever a step is not one whole forward and backward (a flat gradient is formed
+      whole at the end of backward, the cast is kept across micro-batches, recomputed blocks do not recast):
+      without `flat` each weight is a leaf of its own, cast by autocast where it is used;
     - "delta": a bf16 delta D per weight, trained from zero, the weight being W0 + D with W0 the host's frozen
       tensor; W0 + D is formed inside each block as it runs (and again when a checkpointed block is recomputed), so
       no full-size trained copy of the U-Net exists. Deltas keep what bf16 master weights would lose: a step of 1e-5
@@ -137,7 +140,7 @@ class UNetWeights:
     `merged`: names used only through `stacked` (merged with the offsets, in fp32)."""
 
     def __init__(self, unet: nn.Module, trained: set, kind: str = "master", compute=None, cast=None,
-                 merged=frozenset()):
+                 merged=frozenset(), flat: bool = True):
         if kind not in ("master", "delta"):
             raise ValueError(f"unknown unet_weights {kind!r}: use 'master' or 'delta'")
         self.kind, self.compute, self.trained = kind, compute, sorted(trained)
@@ -150,8 +153,10 @@ class UNetWeights:
             for names, dtype in (([n for n in self.trained if n in merged], None),
                                  ([n for n in self.trained if n in layers], cast),
                                  ([n for n in self.trained if n not in merged and n not in layers], None)):
-                if names:
+                if names and flat:
                     self.segments.append((names, self._flat(names), dtype))
+            if not flat:                                    # one leaf per weight, cast by autocast where used
+                self.tensors.update((n, self.base[n].clone().float().requires_grad_()) for n in self.trained)
         else:
             self.deltas = {n: torch.zeros_like(self.base[n], dtype=torch.bfloat16).requires_grad_() for n in trained}
 
@@ -178,7 +183,9 @@ class UNetWeights:
         return p.clone() if p.is_inference() else p      # autograd cannot save inference tensors
 
     def trainable(self) -> list:
-        return [flat for _, flat, _ in self.segments] if self.kind == "master" else [self.deltas[n] for n in self.trained]
+        if self.kind == "delta":
+            return [self.deltas[n] for n in self.trained]
+        return [flat for _, flat, _ in self.segments] or [self.tensors[n] for n in self.trained]
 
     def bases(self) -> dict:
         """{delta tensor: its frozen weight}, for the optimizer's weight decay of W0 + D."""
@@ -208,6 +215,8 @@ class UNetWeights:
 
     def delta(self) -> dict:
         """{name: W_tuned - W0} for every trained weight (fp32 for master copies, bf16 for deltas)."""
+        if self.kind == "master" and not self.segments:
+            return {n: self.tensors[n].detach() - self.base[n].float() for n in self.trained}
         if self.kind == "master":
             return {n: part.view(self.base[n].shape) - self.base[n].float() for names, flat, _ in self.segments
                     for n, part in zip(names, flat.detach().split([self.base[n].numel() for n in names]))}

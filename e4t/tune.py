@@ -140,6 +140,16 @@ def augment(image, mask, resolution: int, generator: torch.Generator):
     return stack[:3], (None if mask is None else stack[3])
 
 
+def whole_step(cfg: TuneConfig) -> bool:
+    """Whether a step is one whole forward and backward into torch's AdamW (the fast mode): only then does the
+    tune train in the few-tensor layouts (first_linears stacked, the U-Net's masters flat). Each forms its gradient
+    whole at the end of backward and the masters' cast lives through the step; with accumulation, checkpointing,
+    offloading or the compact optimizer (which copies a tensor's gradient whole to step it) that costs GiBs: +4 to
+    +8 GiB at full size with checkpointing and 16 micro-batches (`benchmarks/memory.py`)."""
+    return (cfg.unet_weights == "master" and cfg.optimizer_states == "fp32" and cfg.accumulation == 1
+            and not (cfg.fused_step or cfg.checkpointing or cfg.offload_optimizer or cfg.offload_activations))
+
+
 def trainable_heads(encoder: Encoder, device=None, stacked: bool = False) -> Encoder:
     """A copy of the encoder with fp32 trainable heads on `device`; the frozen ViT backbone is shared,
     not copied and not moved (image features are computed before training). stacked: `first_linears` as one
@@ -222,11 +232,13 @@ def _tune(unet: nn.Module, encoder: Encoder, offsets: Offsets, image: torch.Tens
     features = ImageFeatures(tokens=features.tokens.detach().clone())
 
     # Trainable copies: heads, offsets (fp32), U-Net weights (fp32 masters or bf16 deltas); the host's stay untouched.
-    enc = trainable_heads(encoder, device, stacked=not cfg.fused_step)    # whole gradients: only where all are kept
+    whole = whole_step(cfg)
+    enc = trainable_heads(encoder, device, stacked=whole)
     offs = OffsetGroups(offsets, device).requires_grad_(True).train()
     trained = set(_trained_names(unet, cfg.trains))
     compute = (autocast_dtype or torch.float32) if cfg.unet_weights == "delta" else (None if autocast_dtype else torch.float32)
-    weights = UNetWeights(unet, trained, cfg.unet_weights, compute, cast=autocast_dtype, merged=set(offsets.targets))
+    weights = UNetWeights(unet, trained, cfg.unet_weights, compute, cast=autocast_dtype, merged=set(offsets.targets),
+                          flat=whole)
     params = enc.heads() + list(offs.parameters()) + weights.trainable()
     if cfg.optimizer_states == "fp32" and not (cfg.fused_step or cfg.offload_optimizer) and cfg.unet_weights == "master":
         opt = adamw(params, device, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)

@@ -78,6 +78,9 @@ def test_tune_estimate_tiny(unet, clip):
     lean = memory.estimate_tune_peak(unet, e4t.TuneConfig(batch_size=4, resolution=64, trains="all",
                                                           checkpointing=True, optimizer_states="bf16"),
                                      text_model=text, encoder_config=enc_cfg, clone_norm_inputs=in_place_residuals())
+    # not one whole step into torch's AdamW: one leaf per U-Net weight and per first_linear (`e4t.tune.whole_step`)
+    per_weight = sum(rounded(4 * p.numel()) for p in e4t.Encoder(enc_cfg).heads() + offsets + list(unet.parameters()))
+    assert lean.breakdown["trainable"] == per_weight != est.breakdown["trainable"]
     # bf16 moments in flat chunks: half, less the 512-byte rounding of each fp32 moment tensor
     assert 0.45 < lean.breakdown["optimizer"] / est.breakdown["optimizer"] <= 0.5
     held = memory.estimate_tune_peak(unet, e4t.TuneConfig(batch_size=4, resolution=64, trains="all", checkpointing=True,

@@ -132,8 +132,11 @@ def test_offset_groups_give_each_offsets_delta_gradients_and_parameters(unet):
                 assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max()), (k, name)
     back = groups.offsets()
     assert back.targets == offsets.targets
-    for (name, a), (_, b) in zip(back.state_dict().items(), offsets.state_dict().items()):
-        assert torch.equal(a, b) and not a.requires_grad, name
+    with torch.no_grad():
+        for p in groups.parameters():                  # copies: training the groups on does not reach them
+            p.add_(1.0)
+    for (name, a), (_, b) in zip(back.named_parameters(), offsets.named_parameters()):
+        assert torch.equal(a, b) and a.grad_fn is None and a.grad is None, name
 
 
 def test_a_groups_delta_dispatches_the_same_operations_however_many_offsets_it_holds():

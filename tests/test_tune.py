@@ -159,11 +159,15 @@ def test_layers_in_chunks_and_activations_held_on_the_cpu_give_the_same_tune(mod
 
 
 def test_checkpointing_gives_the_same_step(model, clip, vae, encoder):
+    """Also across layouts: the plain tune trains in the whole-step layouts (flat masters, stacked first_linears),
+    the checkpointed one a leaf per weight; sums in another order, so Adam's updates agree to rounding (largest
+    where a gradient is near Adam's eps), not bit for bit."""
     cfg = TuneConfig(steps=2, batch_size=4, lr=1e-3, resolution=64)
     unet, _, _, _, plain, ckpt = tuned_both_ways(model, clip, vae, encoder, cfg, 9, checkpointing=True)
     assert plain.losses == pytest.approx(ckpt.losses, rel=1e-6)
     for k in ("out.2.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"):
-        torch.testing.assert_close(plain.unet_delta[k], ckpt.unet_delta[k], rtol=1e-4, atol=1e-8)
+        scale = float(plain.unet_delta[k].abs().max())
+        torch.testing.assert_close(plain.unet_delta[k], ckpt.unet_delta[k], rtol=1e-4, atol=1e-4 * scale)
     assert not hasattr(unet.input_blocks[1], "forward") or "forward" not in unet.input_blocks[1].__dict__
 
 
@@ -418,7 +422,7 @@ def test_offsets_stacked_by_shape_give_the_per_offset_step(model, clip, vae, enc
         weights = UNetWeights(step.work, step.trained, "master")
         loss, heads = step(layout, weights)
         grads = {f"heads.{n}": p.grad for n, p in heads.named_parameters() if p.requires_grad}
-        grads.update({f"unet.{n}": w.grad for n, w in zip(weights.trained, weights.trainable())})
+        grads.update({f"unet.{n}": g for n, g in unet_grads(weights).items()})
         if isinstance(layout, Offsets):
             grads.update({f"offsets.{k}.{n}": layout[k].get_parameter(n).grad for k in layout.targets
                           for n, _ in layout[k].named_parameters()})
@@ -439,39 +443,33 @@ def test_offsets_stacked_by_shape_give_the_per_offset_step(model, clip, vae, enc
         assert float((a[k] - b[k]).abs().max()) <= 1e-4 * float(a[k].abs().max()) + 1e-6 * scale[k.split(".")[0]], k
 
 
+def unet_grads(weights) -> dict:
+    """{trained U-Net weight: its gradient, flattened}, from flat master tensors or one leaf per weight."""
+    if weights.segments:
+        return {n: part for names, flat, _ in weights.segments
+                for n, part in zip(names, flat.grad.split([weights.base[n].numel() for n in names]))}
+    return {n: weights.tensors[n].grad.reshape(-1) for n in weights.trained}
+
+
 def test_master_weights_in_flat_tensors_give_the_per_weight_step_with_fewer_kernels(model, clip, vae, encoder):
     """Under autocast (bf16 on the CPU here, as on a GPU) the fast tune's fp32 master weights live in three flat
     tensors: the layers' weights are cast once per step, not once per weight, and their gradients gathered in one
     kernel. One objective step gives the loss and, bit for bit, the gradients of one fp32 leaf per weight cast by
-    autocast where it is used (the layout before, written out here), with fewer kernel-launching operations."""
+    autocast where it is used (`flat=False`, the layout of every other mode), with fewer kernel-launching
+    operations."""
     from dispatch_count import Dispatched
     from e4t.training import UNetWeights
-
-    class PerWeight(UNetWeights):
-        def __init__(self, unet, trained):
-            super().__init__(unet, set())
-            self.trained = sorted(trained)
-            self.tensors.update({n: self.base[n].clone().float().requires_grad_() for n in self.trained})
-
-        def trainable(self):
-            return [self.tensors[n] for n in self.trained]
-
     step = OneStep(model, clip, vae, encoder, seed=2)
     found = []
-    for weights in (PerWeight(step.work, step.trained),
-                    UNetWeights(step.work, step.trained, "master", cast=torch.bfloat16, merged=set(step.offsets.targets))):
+    for flat in (False, True):
+        weights = UNetWeights(step.work, step.trained, "master", cast=torch.bfloat16, merged=set(step.offsets.targets),
+                              flat=flat)
+        assert len(weights.trainable()) == (3 if flat else len(step.trained))
         with Dispatched() as counted:
             loss, _ = step(e4t.OffsetGroups(step.offsets).requires_grad_(), weights, autocast_dtype=torch.bfloat16)
-        grads = [p.grad for p in weights.trainable()]
-        if len(grads) < len(step.trained):                  # flat: back to one gradient per weight
-            grads = [part for (names, _, _), flat in zip(weights.segments, grads)
-                     for part in flat.split([weights.base[n].numel() for n in names])]
-            names = [n for names, _, _ in weights.segments for n in names]
-        else:
-            grads, names = [q.reshape(-1) for q in grads], weights.trained
-        found.append((loss, dict(zip(names, grads)), counted.kernels))
+        found.append((loss, unet_grads(weights), counted.kernels))
     (loss_a, a, kernels_a), (loss_b, b, kernels_b) = found
-    assert loss_a == loss_b and set(a) == set(b)
+    assert loss_a == loss_b and set(a) == set(b) == set(step.trained)
     for n in a:
         assert torch.equal(a[n], b[n]), n
     layers = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in step.work.modules())
