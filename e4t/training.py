@@ -148,15 +148,16 @@ class UNetWeights:
         self.tensors, self.deltas, self.segments = {}, {}, []
         if kind == "master":
             self.tensors = {n: self._frozen(p) for n, p in self.base.items() if n not in trained}
+            if not flat:                                    # one leaf per weight, cast by autocast where used
+                self.tensors.update((n, self.base[n].clone().float().requires_grad_()) for n in self.trained)
+                return
             layers = {n for n in self.trained if n not in merged and isinstance(
                 unet.get_submodule(n.rpartition(".")[0]), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
             for names, dtype in (([n for n in self.trained if n in merged], None),
                                  ([n for n in self.trained if n in layers], cast),
                                  ([n for n in self.trained if n not in merged and n not in layers], None)):
-                if names and flat:
+                if names:
                     self.segments.append((names, self._flat(names), dtype))
-            if not flat:                                    # one leaf per weight, cast by autocast where used
-                self.tensors.update((n, self.base[n].clone().float().requires_grad_()) for n in self.trained)
         else:
             self.deltas = {n: torch.zeros_like(self.base[n], dtype=torch.bfloat16).requires_grad_() for n in trained}
 
@@ -215,12 +216,12 @@ class UNetWeights:
 
     def delta(self) -> dict:
         """{name: W_tuned - W0} for every trained weight (fp32 for master copies, bf16 for deltas)."""
-        if self.kind == "master" and not self.segments:
+        if self.kind == "delta":
+            return {n: self.deltas[n].detach() for n in self.trained}
+        if not self.segments:                          # one leaf per weight
             return {n: self.tensors[n].detach() - self.base[n].float() for n in self.trained}
-        if self.kind == "master":
-            return {n: part.view(self.base[n].shape) - self.base[n].float() for names, flat, _ in self.segments
-                    for n, part in zip(names, flat.detach().split([self.base[n].numel() for n in names]))}
-        return {n: self.deltas[n].detach() for n in self.trained}
+        return {n: part.view(self.base[n].shape) - self.base[n].float() for names, flat, _ in self.segments
+                for n, part in zip(names, flat.detach().split([self.base[n].numel() for n in names]))}
 
 
 @contextmanager
