@@ -60,18 +60,16 @@ def flops(fn):
     return counter.get_total_flops()
 
 
+def dispatched(fn) -> Dispatched:
+    """What `fn` dispatches below autograd: `.ops` aten operations, `.kernels` those that are not views (about one
+    GPU kernel launch each; see tests/dispatch_count.py)."""
+    with Dispatched() as counted:
+        fn()
+    return counted
+
+
 def ops(fn):
-    """Aten operations `fn` dispatches below autograd (see tests/dispatch_count.py)."""
-    with Dispatched() as counted:
-        fn()
-    return counted.ops
-
-
-def kernels(fn):
-    """Dispatched operations that are not views: about one GPU kernel launch each."""
-    with Dispatched() as counted:
-        fn()
-    return counted.kernels
+    return dispatched(fn).ops
 
 
 def a1111_hooks():
@@ -539,8 +537,7 @@ def op_counts(s, device, args):
                 s.unet(torch.cat([x, x]), timesteps=torch.cat([t, t]), context=torch.cat([empty, cond]))
             finally:
                 known.remove()
-        k_plain, k_shared = kernels(plain), kernels(shared)
-        k_feat, k_text = kernels(feature), kernels(slot)
+        k_plain, k_shared, k_feat, k_text = (dispatched(fn).kernels for fn in (plain, shared, feature, slot))
         rows.append((f"kernels: sampling step, {n} image(s), CFG, empty negative", f"plain U-Net {k_plain}",
                      f"E4T, shared pass {k_shared} (feature pass + heads {k_feat}, text {k_text})",
                      f"ratio **{k_shared / k_plain:.2f}x**", "launch-bound GPUs: time ratio ≈ kernel ratio"))
